@@ -1,0 +1,30 @@
+# The two commands of the README: `make train` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/default.py
+WORKDIR ?= runs/default
+# Tests and benchmarks simulate an 8-device mesh on the CPU.
+TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
+
+.PHONY: train test bench setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+train: $(VENV)/.installed
+	$(PY) -m moejax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/moe_layer.py
+
+clean:
+	rm -rf $(VENV) runs .jax_cache

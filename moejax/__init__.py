@@ -1,0 +1,3 @@
+"""moejax: Mixture-of-Experts language models in JAX/Flax NNX."""
+
+__version__ = "0.1.0"

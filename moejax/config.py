@@ -1,0 +1,169 @@
+"""Config validation and derived sizes.
+
+`validate` runs before anything is traced, so a bad command-line override fails in
+milliseconds with one error that names the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import ml_collections
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_EXPERT_TYPES = ("swiglu", "gelu")
+
+
+
+class ConfigError(ValueError):
+  """A config field holds a value outside what is allowed.
+
+  Attributes:
+    field: dotted path of the field, e.g. `model.moe.top_k`.
+    value: the offending value.
+    allowed: what would have been accepted, in words.
+  """
+
+  def __init__(self, field: str, value: Any, allowed: str):
+    self.field, self.value, self.allowed = field, value, allowed
+    super().__init__(f"config field `{field}` = {value!r} is not allowed: expected {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEDims:
+  """Expert counts and widths after fine-grained segmentation.
+
+  Granularity G splits each of E experts of width F into G experts of width F/G and routes each
+  token to K*G of them, keeping active FLOPs fixed ("Scaling Laws for Fine-Grained Mixture of
+  Experts", Krajewski et al. 2024, arXiv:2402.07871). Shared experts follow DeepSeekMoE
+  (arXiv:2401.06066): always-on experts of the same fine-grained width.
+  """
+  num_experts: int     # E*G
+  top_k: int           # K*G
+  expert_width: int    # F/G
+  shared_width: int    # num_shared_experts * F/G (0: none)
+
+
+def moe_dims(model: ml_collections.ConfigDict) -> MoEDims:
+  """Derived MoE sizes of `model` (the `config.model` subtree); see `MoEDims`."""
+  moe = model.moe
+  g = moe.granularity
+  width = model.d_ff // g
+  return MoEDims(num_experts=moe.num_experts * g, top_k=moe.top_k * g, expert_width=width,
+                 shared_width=moe.num_shared_experts * width)
+
+
+def is_moe_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
+  """Whether 0-based `layer` has an MoE FFN: every `moe_every`-th layer, none when 0."""
+  return model.moe_every > 0 and (layer + 1) % model.moe_every == 0
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(field, value, allowed)
+
+
+def _positive_int(cfg, path: str) -> None:
+  v = _get(cfg, path)
+  _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, path, v, "an integer >= 1")
+
+
+def _nonneg_int(cfg, path: str) -> None:
+  v = _get(cfg, path)
+  _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, path, v, "an integer >= 0")
+
+
+def _get(cfg, path: str):
+  node = cfg
+  for part in path.split("."):
+    if part not in node:
+      raise ConfigError(path, None, "a value (the field is missing)")
+    node = node[part]
+  return node
+
+
+def _check_router_builds(config) -> None:
+  """Builds the router abstractly (no FLOPs, no compile) so its own argument checks, which raise
+  ConfigError, run now."""
+  from flax import nnx
+  from moejax.routing import ROUTERS
+
+  m, moe = config.model, config.model.moe
+  dims = moe_dims(m)
+  nnx.eval_shape(lambda: ROUTERS[moe.router](m.d_model, dims.num_experts, dims.top_k,
+                                             rngs=nnx.Rngs(0), **moe.router_args))
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field of a moejax config; returns it unchanged or raises `ConfigError`."""
+  # Imported here: the registries live with their implementations.
+  from moejax.data import SOURCES
+  from moejax.routing import ROUTERS
+  from moejax.dispatch import DISPATCHERS
+  from moejax.kernels import GMM_BACKENDS
+
+  m, moe, t = config.model, config.model.moe, config.train
+  for f in ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
+            "model.num_kv_heads", "model.head_dim", "model.d_ff", "model.max_len",
+            "model.moe.num_experts", "model.moe.top_k", "model.moe.granularity",
+            "model.moe.group_size", "train.steps", "train.batch_size", "train.seq_len",
+            "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+            "train.keep_checkpoints", "train.log_every"):
+    _positive_int(config, f)
+  for f in ("seed", "model.moe_every", "model.moe.num_shared_experts", "train.warmup_steps"):
+    _nonneg_int(config, f)
+
+  _check(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
+         f"a multiple of model.num_heads={m.num_heads}")
+  _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+         f"a divisor of model.num_heads={m.num_heads}")
+  _check(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "an even integer (RoPE rotates pairs)")
+  _check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"one of {_DTYPES}")
+  _check(m.param_dtype in _DTYPES, "model.param_dtype", m.param_dtype, f"one of {_DTYPES}")
+  _check(m.moe_every <= m.num_layers, "model.moe_every", m.moe_every,
+         f"0 (dense) or at most model.num_layers={m.num_layers}")
+  _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "a positive number")
+  _check(moe.top_k <= moe.num_experts, "model.moe.top_k", moe.top_k,
+         f"at most model.moe.num_experts={moe.num_experts}")
+  _check(m.d_ff % moe.granularity == 0, "model.moe.granularity", moe.granularity,
+         f"a divisor of model.d_ff={m.d_ff}")
+  _check(moe.expert_type in _EXPERT_TYPES, "model.moe.expert_type", moe.expert_type,
+         f"one of {_EXPERT_TYPES}")
+  _check(moe.router in ROUTERS, "model.moe.router", moe.router, f"one of {sorted(ROUTERS)}")
+  router_params = inspect.signature(ROUTERS[moe.router].__init__).parameters
+  for key in moe.router_args:
+    _check(key in router_params and key not in ("self", "d_model", "num_experts", "top_k", "rngs"),
+           f"model.moe.router_args.{key}", moe.router_args[key],
+           f"an argument of router {moe.router!r}: "
+           f"{sorted(set(router_params) - {'self', 'd_model', 'num_experts', 'top_k', 'rngs', 'param_dtype'})}")
+  _check_router_builds(config)
+  _check(moe.dispatch in DISPATCHERS, "model.moe.dispatch", moe.dispatch,
+         f"one of {sorted(DISPATCHERS)}")
+  _check(isinstance(moe.capacity_factor, (int, float)) and moe.capacity_factor > 0,
+         "model.moe.capacity_factor", moe.capacity_factor, "a number > 0")
+  _check(moe.gmm_backend in GMM_BACKENDS, "model.moe.gmm_backend", moe.gmm_backend,
+         f"one of {sorted(GMM_BACKENDS)}")
+  for f in ("lb_loss_weight", "z_loss_weight"):
+    _check(moe[f] >= 0, f"model.moe.{f}", moe[f], "a number >= 0")
+
+  _check(t.seq_len <= m.max_len, "train.seq_len", t.seq_len,
+         f"at most model.max_len={m.max_len}")
+  if moe.dispatch == "capacity":
+    tokens = t.batch_size * t.seq_len
+    _check(tokens % moe.group_size == 0, "model.moe.group_size", moe.group_size,
+           f"a divisor of train.batch_size*train.seq_len={tokens}")
+  _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+  _check(t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
+         f"at most train.steps={t.steps}")
+  _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+  _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "a number > 0")
+
+  _check(config.data.source in SOURCES, "data.source", config.data.source,
+         f"one of {sorted(SOURCES)}")
+
+  sizes = {a: config.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}
+  for a, v in sizes.items():
+    _check(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{a}", v, "an integer >= 1 or -1")
+  _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis of size -1")
+  return config

@@ -1,0 +1,31 @@
+"""Entry point: `python -m moejax.main --config=configs/default.py --workdir=DIR`.
+
+Any config field can be overridden on the command line, e.g.
+`--config.model.moe.num_experts=16 --config.train.steps=100` (ml_collections config_flags).
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from moejax.config import ConfigError, validate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints and metrics go here.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  config = _CONFIG.value
+  try:
+    validate(config)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  # Imported after validation so a bad flag fails before JAX starts.
+  from moejax import metrics, train
+  summary = train.train_and_evaluate(config, _WORKDIR.value)
+  print("\n" + metrics.format_summary(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,264 @@
+"""Training and evaluation: optimizer, pure jitted train/eval steps, and the loop.
+
+One `train_and_evaluate(config, workdir)` in the shape of Flax's lm1b example: the steps are
+pure functions over (params, optimizer state, batch) jitted with explicit shardings on the
+mesh, so widening the mesh changes no code here.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from moejax import checkpoint, data, metrics as metrics_lib, sharding
+from moejax.config import validate
+from moejax.model import Transformer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW ("Decoupled Weight Decay Regularization", Loshchilov & Hutter 2017, arXiv:1711.05101)
+  with linear warmup and cosine decay to 10% (Chinchilla's schedule, arXiv:2203.15556), global-
+  norm gradient clipping, and no decay on norm scales (1-D parameters)."""
+  schedule = learning_rate_schedule(t)
+  no_decay_on_vectors = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=t.weight_decay,
+                  mask=no_decay_on_vectors))
+
+
+def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup over `warmup_steps`, cosine decay to lr/10 at `steps`."""
+  return optax.warmup_cosine_decay_schedule(0.0, t.lr, t.warmup_steps, max(t.steps, 1),
+                                            end_value=t.lr * 0.1)
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+  """Summed next-token cross-entropy and token count.
+
+  Args:
+    logits: [B, S, V] float32; targets: [B, S] int; weights: [B, S] (0 for padding).
+  Returns:
+    (sum of per-token losses, number of weighted tokens), both float32 scalars.
+  """
+  xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(xent * weights), jnp.sum(weights)
+
+
+def _forward_loss(graphdef, params, batch, *, train, rng):
+  model = nnx.merge(graphdef, params)
+  logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=train,
+                      rng=rng)
+  loss_sum, count = lm_loss(logits, batch["targets"], (batch["segment_ids"] > 0).astype(jnp.float32))
+  return loss_sum, count, aux
+
+
+def _layer_scalars(aux) -> dict:
+  """Flattens per-layer MoE metrics into `moe/<layer>/<metric>` names."""
+  return {f"moe/{layer}/{name}": v for layer, ms in aux.layers.items() for name, v in ms.items()}
+
+
+class Trainer:
+  """Holds the mesh, the model definition, and the jitted train/eval steps for one config.
+
+  The train state is a dict `{params, opt_state, step, rng}` of arrays (params as a pure dict
+  of the NNX state); `init_state()` makes it sharded on the mesh, `train_step` and `eval_step`
+  are `jax.jit`ted with explicit in/out shardings.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+    self.config = validate(config)
+    self.mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+    self.tx = make_optimizer(config.train)
+    abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(config.seed)))
+    self.graphdef, abstract_state = nnx.split(abstract)
+    self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, self.mesh))
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self._init = jax.jit(self._init_state, out_shardings=self._state_shardings())
+    shardings = self._state_shardings()
+    batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
+    self.train_step = jax.jit(self._train_step, in_shardings=(shardings, batch_shardings),
+                              out_shardings=(shardings, self.replicated), donate_argnums=0)
+    self.eval_step = jax.jit(self._eval_step,
+                             in_shardings=(self.param_shardings, batch_shardings),
+                             out_shardings=self.replicated)
+
+  def _state_shardings(self):
+    abstract = jax.eval_shape(self._init_state)
+    # Optimizer moments mirror the params; give them the params' shardings.
+    opt = _match_param_shardings(abstract["opt_state"], abstract["params"], self.param_shardings,
+                                 default=self.replicated)
+    return {"params": self.param_shardings, "opt_state": opt, "step": self.replicated,
+            "rng": self.replicated}
+
+  def _init_state(self):
+    model = Transformer(self.config.model, rngs=nnx.Rngs(self.config.seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    return {"params": params, "opt_state": self.tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(self.config.seed + 1))}
+
+  def init_state(self):
+    """A fresh train state, created directly in its shardings."""
+    return self._init()
+
+  def _train_step(self, state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+    def loss_fn(params):
+      loss_sum, count, aux = _forward_loss(self.graphdef, params, batch, train=True, rng=rng)
+      lm = loss_sum / jnp.maximum(count, 1.0)
+      return lm + aux.aux_loss, (lm, aux)
+
+    (_, (lm, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    out = {"train/loss": lm, "train/aux_loss": aux.aux_loss,
+           "train/grad_norm": optax.tree.norm(grads),
+           "train/lr": learning_rate_schedule(self.config.train)(state["step"]),
+           **_layer_scalars(aux)}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+            "rng": state["rng"]}, out
+
+  def _eval_step(self, params, batch):
+    loss_sum, count, aux = _forward_loss(self.graphdef, params, batch, train=False, rng=None)
+    return {"loss_sum": loss_sum, "count": count, **_layer_scalars(aux)}
+
+  def put_batch(self, batch: dict) -> dict:
+    """Host numpy batch -> device arrays sharded over the data axes (model inputs only)."""
+    return {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
+
+  def evaluate(self, params, source, num_batches: int) -> dict:
+    """Mean per-token loss over the first `num_batches` batches of `source` (the same batches
+    at every evaluation, so eval losses are comparable across steps)."""
+    if not hasattr(source, "_eval_start"):
+      source._eval_start = source.get_state()
+    source.set_state(source._eval_start)
+    loss_sum = count = 0.0
+    for _ in range(num_batches):
+      out = self.eval_step(params, self.put_batch(source.next()))
+      loss_sum += float(out["loss_sum"])
+      count += float(out["count"])
+    return {"eval/loss": loss_sum / max(count, 1.0)}
+
+
+def _match_param_shardings(opt_abstract, params_abstract, param_shardings, default):
+  """Shardings for an optax state: subtrees shaped like the params get the params' shardings."""
+  params_struct = jax.tree.structure(params_abstract)
+  flat_shardings = jax.tree.leaves(param_shardings,
+                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+  def is_params_like(x):
+    try:
+      return jax.tree.structure(x) == params_struct
+    except Exception:  # noqa: BLE001  (non-pytree nodes)
+      return False
+
+  def assign(x):
+    if is_params_like(x):
+      return jax.tree.unflatten(params_struct, flat_shardings)
+    return jax.tree.map(lambda _: default, x)
+
+  return jax.tree.map(assign, opt_abstract, is_leaf=is_params_like)
+
+
+def bayes_loss(source, num_batches: int) -> float | None:
+  """Mean Bayes-optimal loss over the eval batches when the source can compute it (the best any
+  model can do at this sequence length; above `loss_floor`, which assumes the domain is known)."""
+  if not hasattr(source, "bayes_nll"):
+    return None
+  start = source.get_state()
+  nll = [source.bayes_nll(source.next()).mean() for _ in range(num_batches)]
+  source.set_state(start)
+  return float(np.mean(nll))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       progress: bool | None = None,
+                       stop_after: int | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir`, resuming from its latest complete checkpoint.
+
+  Writes `workdir/metrics.jsonl`, TensorBoard events in `workdir/tb` and orbax checkpoints in
+  `workdir/checkpoints`. SIGTERM (a preemption) saves a checkpoint and returns early, as does
+  reaching step `stop_after`; running again with the same workdir resumes exactly. Returns the
+  run summary (see `metrics.format_summary`).
+  """
+  validate(config)
+  t = config.train
+  # Host-side data first: a bad data field fails before anything is compiled.
+  train_source, eval_source = data.make_source(config, "train"), data.make_source(config, "eval")
+  trainer = Trainer(config)
+  state = trainer.init_state()
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
+                                 every=t.checkpoint_every)
+  start = 0
+  if ckpt.latest_step() is not None:
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            state)
+    start, state, extra = ckpt.restore(abstract_state=abstract)
+    train_source.set_state(extra["data"])
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None)
+  floor = train_source.loss_floor
+  data_stats = {"data/loss_floor": floor, "data/bayes_loss": bayes_loss(eval_source, t.eval_batches)}
+  data_stats = {k: v for k, v in data_stats.items() if v is not None}
+  if start == 0:
+    writer.write(0, data_stats)
+  tokens_per_step = t.batch_size * t.seq_len
+  bar = metrics_lib.ProgressBar(t.steps, start, disable=None if progress is None else not progress)
+  last, tokens_per_s, eval_out = {}, 0.0, {}
+  tic, timed_steps = time.perf_counter(), 0
+  with checkpoint.PreemptionGuard() as guard:
+    for step in range(start + 1, t.steps + 1):
+      state, out = trainer.train_step(state, trainer.put_batch(train_source.next()))
+      timed_steps += 1
+      stop = guard.should_stop or step == stop_after
+      if step % t.log_every == 0 or step == t.steps or stop:
+        out = jax.device_get(out)
+        elapsed = time.perf_counter() - tic
+        tokens_per_s = timed_steps * tokens_per_step / max(elapsed, 1e-9)
+        tic, timed_steps = time.perf_counter(), 0
+        last = {**out, "train/tokens_per_s": tokens_per_s}
+        writer.write(step, last)
+        bar.update(step, loss=out["train/loss"], tokens_per_s=tokens_per_s,
+                   max_vio=_mean_metric(out, "max_vio"))
+      if step % t.eval_every == 0 or step == t.steps:
+        eval_out = trainer.evaluate(state["params"], eval_source, t.eval_batches)
+        writer.write(step, eval_out)
+        bar.write(f"step {step}: eval/loss {eval_out['eval/loss']:.4f}"
+                  + (f" (floor {floor:.4f})" if floor is not None else ""))
+        tic, timed_steps = time.perf_counter(), 0   # keep eval time out of tokens/s
+      ckpt.save(step, state, {"data": train_source.get_state()}, force=stop or step == t.steps)
+      if stop:
+        break
+  bar.close()
+  ckpt.close()
+  writer.close()
+  final_step = int(jax.device_get(state["step"]))
+  return {"step": final_step, "train/loss": last.get("train/loss"),
+          "eval/loss": eval_out.get("eval/loss"), **data_stats,
+          "train/tokens_per_s": tokens_per_s,
+          "moe/max_vio": _mean_metric(last, "max_vio"),
+          "moe/dropped_frac": _mean_metric(last, "dropped_frac"),
+          "moe/load": _mean_load(last),
+          "checkpoints": ckpt.directory, "metrics": writer.path,
+          "stopped_early": final_step < t.steps}
+
+
+def _mean_metric(out: dict, name: str):
+  vals = [float(np.mean(v)) for k, v in out.items() if k.startswith("moe/") and k.endswith("/" + name)]
+  return float(np.mean(vals)) if vals else None
+
+
+def _mean_load(out: dict):
+  loads = [np.asarray(v) for k, v in out.items() if k.startswith("moe/") and k.endswith("/load")]
+  return np.mean(loads, axis=0) if loads else None

@@ -1,0 +1,41 @@
+"""moejax: Mixture-of-Experts language models in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+# Lower bounds are the versions this code was tested with.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml-collections>=1.1.0",
+    "chex>=0.1.92",
+    "numpy>=2.4",
+    "scipy>=1.17",
+    "tqdm>=4.70",
+    "tensorboardX>=2.6.5",
+    "matplotlib>=3.11",
+    "absl-py>=2.5",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=9.0",
+        "hypothesis>=6.155",
+        "nbclient>=0.11",
+        "nbformat>=5.11",
+        "ipykernel>=7.4",
+    ],
+    "notebooks": [
+        "jupyterlab>=4.0",
+    ],
+}
+
+setup(
+    name="moejax",
+    version="0.1.0",
+    description="Mixture-of-Experts language models in JAX/Flax NNX, from one CPU to a TPU pod.",
+    packages=find_packages(include=["moejax", "moejax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
