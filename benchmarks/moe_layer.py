@@ -119,10 +119,12 @@ class Row:
 
   @property
   def dropless_ratio(self) -> float:
+    """Dropless MoE time / dense time."""
     return self.dropless_ms / self.dense_ms
 
   @property
   def capacity_ratio(self) -> float:
+    """Capacity MoE time / dense time."""
     return self.capacity_ms / self.dense_ms
 
 
@@ -175,7 +177,7 @@ def format_table(rows: list[Row], args) -> str:
 def parse_args(argv=None):
   """Command-line flags; --quick shrinks everything to a seconds-long smoke run."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--tokens", type=int, default=512, help="T, tokens per batch")
+  p.add_argument("--tokens", type=int, default=1024, help="T, tokens per batch")
   p.add_argument("--d_model", type=int, default=128, help="D, model width")
   p.add_argument("--d_ff", type=int, default=256, help="F, width of one granularity-1 expert")
   p.add_argument("--group_size", type=int, default=128,

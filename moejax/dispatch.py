@@ -42,6 +42,9 @@ def capacity_masks(expert_index: jax.Array, combine_weights: jax.Array, num_expe
 
   Priority: every token's first choice is placed before any second choice, and within a choice
   earlier tokens go first, so when an expert overflows the later, lower-ranked copies are dropped.
+  With K > 1 this makes a causal LM non-causal within a group: a later token's first choice can
+  displace an earlier token's second choice. Top-1 (Switch) capacity routing and dropless
+  dispatch stay causal.
 
   Args:
     expert_index: [S, K] int32, S tokens of one group.

@@ -1,14 +1,25 @@
-"""Shared by tests: load configs by path."""
+"""Shared by tests: load configs by path and override fields by dotted name."""
 import importlib.util
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_config(name: str = "default"):
-  """`configs/<name>.py`'s get_config()."""
+def set_fields(config, overrides: dict):
+  """Sets dotted-name fields in place, e.g. {'model.moe.top_k': 1}; returns config."""
+  for name, value in overrides.items():
+    *parents, leaf = name.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def load_config(name: str = "default", **overrides):
+  """`configs/<name>.py`'s get_config() with dotted-name overrides."""
   path = os.path.join(ROOT, "configs", f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"moejax_config_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return set_fields(module.get_config(), overrides)

@@ -4,7 +4,6 @@ References: dense transition matrices built here from the sparse tables; empiric
 and frequencies from sampled sequences (tolerances from their standard errors); brute-force
 joint probabilities for the Bayes-optimal loss; bytes re-read from the files for text packing.
 """
-import importlib.util
 import json
 import math
 import os
@@ -15,23 +14,11 @@ import pytest
 from moejax import data
 from moejax.data.synthetic import MarkovMixture
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from helpers import load_config
 
 def _config(**overrides):
   """configs/default.py with dotted-name overrides, e.g. _config(**{'data.source': 'text'})."""
-  spec = importlib.util.spec_from_file_location(
-      "default_config", os.path.join(_ROOT, "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for name, value in overrides.items():
-    *parents, leaf = name.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(**overrides)
 
 
 def _dense(language):

@@ -6,9 +6,7 @@ is piecewise constant, so away from ties the differences see only the smooth pat
 weights through the router gate, and the expert and shared FFNs).
 """
 import functools
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,23 +18,11 @@ from moejax.config import moe_dims
 from moejax.experts import MLP
 from moejax.layers import MoELayer
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from helpers import load_config, set_fields
 
 def _config(**overrides):
   """configs/default.py's `model` subtree with dotted overrides relative to it."""
-  spec = importlib.util.spec_from_file_location(
-      "default_config", os.path.join(_ROOT, "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  model = module.get_config().model
-  for name, value in overrides.items():
-    *parents, leaf = name.split(".")
-    node = model
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return model
+  return set_fields(load_config().model, overrides)
 
 
 def _layer_config(*, d_model, d_ff, experts, top_k, granularity=1, shared=0, expert_type="swiglu",
@@ -50,6 +36,20 @@ def _layer_config(*, d_model, d_ff, experts, top_k, granularity=1, shared=0, exp
   for key, value in (router_args or {}).items():
     model.moe.router_args[key] = value
   return model
+
+
+def _layer(model, seed):
+  """MoELayer(model) with weights drawn in numpy (std fan_in^-1/2, fan_in = shape[-2]).
+
+  The layer is built abstractly (`nnx.eval_shape`) and then filled: building it eagerly would
+  compile one random-number kernel per parameter shape, which costs more than the tests.
+  """
+  layer = nnx.eval_shape(lambda: MoELayer(model, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  for _, p in nnx.iter_graph(layer):
+    if isinstance(p, nnx.Param):
+      p.set_value(jnp.asarray(rng.standard_normal(p.shape) * p.shape[-2] ** -0.5, p.dtype))
+  return layer
 
 
 # ----------------------------------------------------------------------------- numpy oracle
@@ -242,7 +242,7 @@ def oracle_case(request):
   model = _layer_config(group_size=s, **kwargs)
   dims = moe_dims(model)
   model.moe.capacity_factor = float(dims.num_experts)   # capacity >= every copy of a group
-  layer = MoELayer(model, rngs=nnx.Rngs(seed))
+  layer = _layer(model, seed)
   oracle = Oracle(layer, model)
   x = np.asarray(jax.random.normal(jax.random.key(100 + seed), (b, s, model.d_model)))
   cot = np.asarray(jax.random.normal(jax.random.key(200 + seed), (b, s, model.d_model)))
@@ -326,18 +326,18 @@ def _forward(graphdef, state, x):
   return y, metrics, layer.route(x.reshape(-1, x.shape[-1]))
 
 
-def test_small_capacity_drops_exactly_the_overflow():
+@pytest.mark.parametrize("factor, capacity, seed", [(0.5, 1, 11), (1.0, 2, 14)])
+def test_small_capacity_drops_exactly_the_overflow(factor, capacity, seed):
   b, s, group = 2, 8, 4              # 4 groups of 4 tokens
-  experts, k, factor = 4, 2, 0.5     # capacity ceil(0.5 * 4 * 2 / 4) = 1 per expert per group
+  experts, k = 4, 2                  # capacity ceil(factor * 4 * 2 / 4) per expert per group
   model = _layer_config(d_model=8, d_ff=8, experts=experts, top_k=k, dispatch="capacity",
                         capacity_factor=factor, group_size=group)
-  layer = MoELayer(model, rngs=nnx.Rngs(7))
+  layer = _layer(model, seed)
   # Skew the gate so experts 0 and 1 are popular and copies overflow.
   layer.router.gate[...] = layer.router.gate[...] + jnp.array([1.0, 0.6, 0.0, 0.0])
   x = np.asarray(jax.random.normal(jax.random.key(8), (b, s, 8))) + 0.5
   y, metrics, routing = _forward(*nnx.split(layer), jnp.asarray(x))
-  capacity = math.ceil(factor * group * k / experts)
-  assert capacity == 1
+  assert capacity == math.ceil(factor * group * k / experts)
   oracle = Oracle(layer, model)
   x2 = x.reshape(-1, 8).astype(np.float64)
   _, idx, _, margin = oracle(x2)
@@ -363,7 +363,7 @@ def test_small_capacity_drops_exactly_the_overflow():
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _single_expert(gd_dropless, gd_capacity, gd_mlp, state, mlp_state, x):
   y_d, _, _ = nnx.merge(gd_dropless, state)(x)
-  y_c, m_c, _ = nnx.merge(gd_capacity, state)(x)
+  y_c, _, m_c = nnx.merge(gd_capacity, state)(x)
   routing = nnx.merge(gd_dropless, state).route(x.reshape(-1, x.shape[-1]))
   return y_d, y_c, m_c, routing, nnx.merge(gd_mlp, mlp_state)(x)
 
@@ -371,10 +371,10 @@ def _single_expert(gd_dropless, gd_capacity, gd_mlp, state, mlp_state, x):
 def test_one_expert_top1_equals_dense_ffn():
   model = _layer_config(d_model=8, d_ff=16, experts=1, top_k=1, capacity_factor=1.0,
                         group_size=8)
-  layer = MoELayer(model, rngs=nnx.Rngs(3))
-  mlp = MLP(8, 16, "swiglu", rngs=nnx.Rngs(4))
+  layer = _layer(model, 3)
+  mlp = nnx.eval_shape(lambda: MLP(8, 16, "swiglu", rngs=nnx.Rngs(4)))
   for n, p in layer.experts.w.items():
-    mlp.w[n][...] = p[...][0]
+    mlp.w[n].set_value(p[...][0])
   x = jax.random.normal(jax.random.key(5), (2, 8, 8))
   y_d, y_c, m_c, routing, y_mlp = _single_expert(*_both_dispatch(layer)[:2], nnx.split(mlp)[0],
                                                  nnx.split(layer)[1], nnx.split(mlp)[1], x)
@@ -391,7 +391,7 @@ def test_one_expert_top1_equals_dense_ffn():
 
 def test_router_is_float32_in_a_bfloat16_layer():
   model = _layer_config(d_model=8, d_ff=8, experts=4, top_k=2, dtype="bfloat16")
-  layer = MoELayer(model, rngs=nnx.Rngs(9))
+  layer = _layer(model, 9)
   assert layer.router.gate[...].dtype == jnp.bfloat16
   x = jax.random.normal(jax.random.key(10), (1, 8, 8), jnp.bfloat16)
   y, metrics, routing = _forward(*nnx.split(layer), x)

@@ -1,6 +1,5 @@
 """Training end to end: the loss approaches the data's floor, resume is exact, the mesh size
 does not change the numbers, and SIGTERM leaves a complete checkpoint."""
-import json
 import os
 import signal
 import subprocess
@@ -9,13 +8,12 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from moejax import data, sharding
 from moejax.metrics import read_metrics
 from moejax.train import Trainer, train_and_evaluate
 
-from helpers import ROOT, load_config
+from helpers import ROOT, load_config, set_fields
 
 
 def tiny_config(**overrides):
@@ -28,13 +26,7 @@ def tiny_config(**overrides):
   c.train.update(steps=8, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=4,
                  eval_batches=2, checkpoint_every=4, keep_checkpoints=2, log_every=1)
   c.mesh.data = 1
-  for path, value in overrides.items():
-    node = c
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_fields(c, overrides)
 
 
 def _losses(workdir, key="train/loss"):

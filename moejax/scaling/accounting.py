@@ -1,0 +1,164 @@
+"""Parameter and training-FLOP accounting for a moejax config, dense or MoE.
+
+Parameters follow moejax.model exactly: per layer Wq [D, H, Dh], Wk and Wv [D, KV, Dh],
+Wo [H, Dh, D], two RMSNorm scales [D]; a dense FFN or an MoE FFN (router [D, E*G], E*G experts of
+width F/G, shared experts of width F/G each), 3 matrices for SwiGLU and 2 for GeLU; a final
+RMSNorm [D]; the embedding [V, D] and, untied, a head [D, V]. No biases.
+
+"Embedding" parameters are the input table and the untied head (Kaplan et al. 2020, arXiv:2001.08361,
+count non-embedding parameters N). "Active" parameters are those one token multiplies: the router,
+top K*G routed experts and the shared experts, instead of all experts.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from moejax.config import ConfigError, is_moe_layer
+
+FFN_MATRICES = {"swiglu": 3, "gelu": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+  """Parameter counts of a moejax model (see the module docstring for what each includes)."""
+  total: int
+  active: int
+  embedding: int                 # input table + untied head
+  breakdown: dict                # total parameters per component
+
+  @property
+  def total_non_embedding(self) -> int:
+    return self.total - self.embedding
+
+  @property
+  def active_non_embedding(self) -> int:
+    return self.active - self.embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCounts:
+  """Training FLOPs per token: `six_n` = 6 x active non-embedding parameters (Kaplan et al. 2020,
+  arXiv:2001.08361, C = 6N); `six_n_with_embeddings` = 6 x all active parameters (the N of
+  Hoffmann et al. 2022, arXiv:2203.15556); `exact` = 3 x the forward matmul FLOPs in `forward`
+  (backward = 2 x forward)."""
+  six_n: float
+  six_n_with_embeddings: float
+  exact: float
+  forward: dict                  # forward FLOPs per token per component
+  seq_len: int
+  causal: bool
+
+
+def _model(config) -> ml_collections.ConfigDict:
+  return config.model if "model" in config else config
+
+
+def _field(node, path: str, name: str, positive: bool = True):
+  if name not in node:
+    raise ConfigError(f"{path}.{name}", None, "a value (the field is missing)")
+  v = node[name]
+  if positive and not (isinstance(v, int) and v >= 1):
+    raise ConfigError(f"{path}.{name}", v, "an integer >= 1")
+  return v
+
+
+def _sizes(config) -> dict:
+  """Checked sizes from a full config or its `model` subtree."""
+  m = _model(config)
+  s = {k: _field(m, "model", k) for k in ("vocab_size", "d_model", "num_layers", "num_heads",
+                                         "num_kv_heads", "head_dim", "d_ff")}
+  s["moe_every"] = _field(m, "model", "moe_every", positive=False)
+  if not (isinstance(s["moe_every"], int) and s["moe_every"] >= 0):
+    raise ConfigError("model.moe_every", s["moe_every"], "an integer >= 0 (0: dense)")
+  s["tie"] = bool(_field(m, "model", "tie_embeddings", positive=False))
+  moe = m.moe
+  for k in ("num_experts", "top_k", "granularity"):
+    s[k] = _field(moe, "model.moe", k)
+  s["shared"] = _field(moe, "model.moe", "num_shared_experts", positive=False)
+  if not (isinstance(s["shared"], int) and s["shared"] >= 0):
+    raise ConfigError("model.moe.num_shared_experts", s["shared"], "an integer >= 0")
+  etype = _field(moe, "model.moe", "expert_type", positive=False)
+  if etype not in FFN_MATRICES:
+    raise ConfigError("model.moe.expert_type", etype, f"one of {sorted(FFN_MATRICES)}")
+  s["mats"] = FFN_MATRICES[etype]
+  if s["d_ff"] % s["granularity"]:
+    raise ConfigError("model.moe.granularity", s["granularity"],
+                      f"a divisor of model.d_ff={s['d_ff']}")
+  if s["top_k"] > s["num_experts"]:
+    raise ConfigError("model.moe.top_k", s["top_k"],
+                      f"at most model.moe.num_experts={s['num_experts']}")
+  s["num_moe"] = sum(is_moe_layer(m, i) for i in range(s["num_layers"]))
+  s["num_dense"] = s["num_layers"] - s["num_moe"]
+  return s
+
+
+def param_counts(config) -> ParamCounts:
+  """Total, active and embedding parameters of the moejax model built from `config` (a full
+  config or its `model` subtree). Granularity and shared experts follow "Scaling Laws for
+  Fine-Grained Mixture of Experts" (Krajewski et al. 2024, arXiv:2402.07871) and DeepSeekMoE
+  (Dai et al. 2024, arXiv:2401.06066); grouped-query attention "GQA" (Ainslie et al. 2023,
+  arXiv:2305.13245)."""
+  s = _sizes(config)
+  d, g = s["d_model"], s["granularity"]
+  width = s["d_ff"] // g
+  expert = s["mats"] * d * width
+  per_attn = d * s["head_dim"] * (2 * s["num_heads"] + 2 * s["num_kv_heads"])
+  b = {
+      "attention": s["num_layers"] * per_attn,
+      "norms": (2 * s["num_layers"] + 1) * d,
+      "dense_ffn": s["num_dense"] * s["mats"] * d * s["d_ff"],
+      "router": s["num_moe"] * d * s["num_experts"] * g,
+      "experts": s["num_moe"] * s["num_experts"] * g * expert,
+      "shared_experts": s["num_moe"] * s["shared"] * expert,
+      "embedding": s["vocab_size"] * d,
+      "head": 0 if s["tie"] else d * s["vocab_size"],
+  }
+  total = sum(b.values())
+  active = total - b["experts"] + s["num_moe"] * s["top_k"] * g * expert
+  return ParamCounts(total=total, active=active, embedding=b["embedding"] + b["head"], breakdown=b)
+
+
+def flops_per_token(config, seq_len: int | None = None, causal: bool = False) -> FlopCounts:
+  """Training FLOPs per token of the moejax model built from `config`.
+
+  The exact count takes every matmul a token goes through, forward: QKV and output projections,
+  attention scores QK^T and the weighted sum over values (2 * S * H * Dh each over a context of
+  S = `seq_len`, halved when `causal`, which averages the causal mask), router, the K*G routed
+  experts, shared experts, dense FFNs and the LM head; it leaves out norms, softmax, activations
+  and the embedding lookup. Training = 3 x forward. With causal=False this is the count of
+  Hoffmann et al. (2022), arXiv:2203.15556, Appendix F (less its softmax and embedding terms);
+  with causal=True the attention term is the 2 n_layer n_ctx d_attn of Kaplan et al. (2020),
+  arXiv:2001.08361, Table 1.
+
+  seq_len defaults to config.train.seq_len, else config.model.max_len.
+  """
+  s = _sizes(config)
+  if seq_len is None:
+    if "train" in config and "seq_len" in config.train:
+      seq_len = config.train.seq_len
+    else:
+      seq_len = _field(_model(config), "model", "max_len")
+  if not (isinstance(seq_len, int) and seq_len >= 1):
+    raise ValueError(f"seq_len = {seq_len!r} is not allowed: expected an integer >= 1")
+  counts = param_counts(config)
+  d, g, layers = s["d_model"], s["granularity"], s["num_layers"]
+  heads_dim = s["num_heads"] * s["head_dim"]
+  context = seq_len / 2 if causal else seq_len
+  expert = s["mats"] * d * (s["d_ff"] // g)
+  fwd = {
+      "qkv_proj": 2 * layers * d * s["head_dim"] * (s["num_heads"] + 2 * s["num_kv_heads"]),
+      "out_proj": 2 * layers * heads_dim * d,
+      "attn_scores": 2 * layers * context * heads_dim,
+      "attn_values": 2 * layers * context * heads_dim,
+      "router": 2 * s["num_moe"] * d * s["num_experts"] * g,
+      "experts": 2 * s["num_moe"] * s["top_k"] * g * expert,
+      "shared_experts": 2 * s["num_moe"] * s["shared"] * expert,
+      "dense_ffn": 2 * s["num_dense"] * s["mats"] * d * s["d_ff"],
+      "lm_head": 2 * d * s["vocab_size"],
+  }
+  return FlopCounts(six_n=6.0 * counts.active_non_embedding,
+                    six_n_with_embeddings=6.0 * counts.active,
+                    exact=3.0 * float(sum(fwd.values())), forward=fwd, seq_len=seq_len,
+                    causal=causal)

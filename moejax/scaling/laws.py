@@ -1,0 +1,324 @@
+"""Scaling-law forms, registered by name.
+
+Every law predicts log L from the logs of its variables, written as a log-sum-exp of terms where it
+can be: the form of Hoffmann et al. (2022) that keeps fits in a numerically safe parameterisation.
+A law has two parameter vectors:
+- `params`: a dict with the names of the paper's formula (Chinchilla: E, A, B, alpha, beta);
+- `raw`: the vector the optimiser moves (logs of positive coefficients), `raw_names` says which.
+`log_loss(raw, logx)` is written with jax.numpy so the fitter can vmap and differentiate it; it runs
+in whatever precision its inputs have.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAWS: dict[str, "Law"] = {}
+
+
+def register(cls):
+  """Class decorator: adds an instance of `cls` to `LAWS` under `cls.name`."""
+  LAWS[cls.name] = cls()
+  return cls
+
+
+def get_law(name: str) -> "Law":
+  """The registered law called `name`; raises ValueError naming the allowed names otherwise."""
+  if name not in LAWS:
+    raise ValueError(f"law = {name!r} is not allowed: expected one of {sorted(LAWS)}")
+  return LAWS[name]
+
+
+def _lse(*terms):
+  shape = jnp.broadcast_shapes(*(jnp.shape(t) for t in terms))
+  return jax.nn.logsumexp(jnp.stack([jnp.broadcast_to(t, shape) for t in terms]), axis=0)
+
+
+class Law:
+  """Base class of a scaling law; subclasses set the class attributes and three methods."""
+  name: str = ""
+  variables: tuple[str, ...] = ()    # inputs besides the loss, e.g. ("N", "D")
+  param_names: tuple[str, ...] = ()  # as in the paper's formula
+  raw_names: tuple[str, ...] = ()    # what the optimiser moves
+  formula: str = ""
+  paper: str = ""
+  arxiv: str = ""
+  published: Mapping[str, float] | None = None  # a published fit, where one is checked
+  start_values: Mapping[str, tuple[float, ...]] = {}  # grid of starts, per raw name
+
+  def to_params(self, raw) -> dict[str, float]:
+    """Raw vector [P] -> {paper name: value}."""
+    raise NotImplementedError
+
+  def to_raw(self, params: Mapping[str, float]) -> np.ndarray:
+    """{paper name: value} -> raw vector [P]."""
+    raise NotImplementedError
+
+  def log_loss(self, raw, logx: Mapping[str, jnp.ndarray]):
+    """Predicted log L [n] from raw [P] and the natural logs of the variables, each [n]."""
+    raise NotImplementedError
+
+  def start_grid(self) -> np.ndarray:
+    """Starts [S, P]: the Cartesian product of `start_values` in `raw_names` order."""
+    return np.array(list(itertools.product(*(self.start_values[n] for n in self.raw_names))),
+                    dtype=np.float64)
+
+  def loss(self, params: Mapping[str, float], **variables) -> np.ndarray:
+    """Predicted loss for `variables` (natural units, broadcastable arrays), in float64."""
+    missing = [v for v in self.variables if v not in variables]
+    if missing:
+      raise ValueError(f"variables of law {self.name!r} = {sorted(variables)} lack {missing}: "
+                       f"expected {list(self.variables)}")
+    with jax.enable_x64(True):
+      logx = {k: jnp.log(jnp.asarray(variables[k], jnp.float64)) for k in self.variables}
+      raw = jnp.asarray(self.to_raw(params), jnp.float64)
+      return np.exp(np.asarray(self.log_loss(raw, logx)))
+
+  def check_params(self, params: Mapping[str, float]) -> None:
+    """Raises ValueError unless `params` has exactly the paper's names."""
+    if set(params) != set(self.param_names):
+      raise ValueError(f"params of law {self.name!r} = {sorted(params)} are not allowed: "
+                       f"expected the names {list(self.param_names)}")
+
+
+@register
+class Kaplan(Law):
+  """Kaplan et al. (2020), "Scaling Laws for Neural Language Models", arXiv:2001.08361, Eq. (1.5):
+
+      L(N, D) = [ (N_c / N)^(alpha_N / alpha_D) + D_c / D ]^alpha_D
+
+  N non-embedding parameters, D tokens. Published: alpha_N = 0.076, alpha_D = 0.095,
+  N_c = 8.8e13, D_c = 5.4e13 (their Table 2, as commonly quoted).
+  """
+  name = "kaplan"
+  variables = ("N", "D")
+  param_names = ("N_c", "D_c", "alpha_N", "alpha_D")
+  raw_names = ("log_N_c", "log_D_c", "alpha_N", "alpha_D")
+  formula = "L = [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D"
+  paper, arxiv = "Scaling Laws for Neural Language Models", "2001.08361"
+  published = {"N_c": 8.8e13, "D_c": 5.4e13, "alpha_N": 0.076, "alpha_D": 0.095}
+  start_values = {"log_N_c": (20.0, 26.0, 32.0, 38.0), "log_D_c": (20.0, 26.0, 32.0, 38.0),
+                  "alpha_N": (0.03, 0.1, 0.3), "alpha_D": (0.03, 0.1, 0.3)}
+
+  def to_params(self, raw):
+    r = [float(x) for x in np.asarray(raw, np.float64)]
+    return {"N_c": math.exp(r[0]), "D_c": math.exp(r[1]), "alpha_N": r[2], "alpha_D": r[3]}
+
+  def to_raw(self, params):
+    self.check_params(params)
+    p = params
+    return np.array([math.log(p["N_c"]), math.log(p["D_c"]), p["alpha_N"], p["alpha_D"]])
+
+  def log_loss(self, raw, logx):
+    log_nc, log_dc, a_n, a_d = raw[0], raw[1], raw[2], raw[3]
+    return a_d * _lse((a_n / a_d) * (log_nc - logx["N"]), log_dc - logx["D"])
+
+
+@register
+class Chinchilla(Law):
+  """Hoffmann et al. (2022), "Training Compute-Optimal Large Language Models", arXiv:2203.15556,
+  Approach 3, fitted in the log-sum-exp form of their Appendix D.2:
+
+      L(N, D) = E + A / N^alpha + B / D^beta
+      log L   = LSE(a - alpha log N, b - beta log D, e),  A = e^a, B = e^b, E = e^e
+
+  The default start grid is Besiroglu et al. (2024), "Chinchilla Scaling: A replication attempt",
+  arXiv:2404.10102: alpha, beta in {0, 0.5, ..., 2}; e in {-1, -0.5, ..., 1}; a, b in
+  {0, 5, ..., 25} (4,500 starts). Their fit: E = 1.8172, A = 477.84, B = 2143.86,
+  alpha = 0.3473, beta = 0.3672.
+  """
+  name = "chinchilla"
+  variables = ("N", "D")
+  param_names = ("E", "A", "B", "alpha", "beta")
+  raw_names = ("e", "a", "b", "alpha", "beta")
+  formula = "L = E + A/N^alpha + B/D^beta"
+  paper, arxiv = "Training Compute-Optimal Large Language Models", "2203.15556"
+  published = {"E": 1.8172, "A": 477.84, "B": 2143.86, "alpha": 0.3473, "beta": 0.3672}
+  start_values = {"e": (-1.0, -0.5, 0.0, 0.5, 1.0), "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+                  "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0), "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+                  "beta": (0.0, 0.5, 1.0, 1.5, 2.0)}
+
+  def to_params(self, raw):
+    r = [float(x) for x in np.asarray(raw, np.float64)]
+    return {"E": math.exp(r[0]), "A": math.exp(r[1]), "B": math.exp(r[2]), "alpha": r[3],
+            "beta": r[4]}
+
+  def to_raw(self, params):
+    self.check_params(params)
+    p = params
+    return np.array([math.log(p["E"]), math.log(p["A"]), math.log(p["B"]), p["alpha"], p["beta"]])
+
+  def log_loss(self, raw, logx):
+    e, a, b, alpha, beta = (raw[i] for i in range(5))
+    return _lse(a - alpha * logx["N"], b - beta * logx["D"], e)
+
+
+@register
+class FineGrained(Law):
+  """Krajewski et al. (2024), "Scaling Laws for Fine-Grained Mixture of Experts", arXiv:2402.07871,
+  Eq. (9), with granularity G (expert width d_ff / G):
+
+      L(N, D, G) = c + (g / G^gamma + a) / N^alpha + b / D^beta
+      log L = LSE(log c, log g - gamma log G - alpha log N, log a - alpha log N, log b - beta log D)
+
+  Their Table 1 (MoE, as transcribed by a secondary source; not checked against the PDF):
+  a = 18.1, alpha = 0.115, b = 30.8, beta = 0.147, g = 2.1, gamma = 0.58, c = 0.47.
+  """
+  name = "fine_grained"
+  variables = ("N", "D", "G")
+  param_names = ("a", "alpha", "b", "beta", "g", "gamma", "c")
+  raw_names = ("log_a", "alpha", "log_b", "beta", "log_g", "gamma", "log_c")
+  formula = "L = c + (g/G^gamma + a)/N^alpha + b/D^beta"
+  paper, arxiv = "Scaling Laws for Fine-Grained Mixture of Experts", "2402.07871"
+  start_values = {"log_a": (0.0, 3.0, 6.0), "alpha": (0.1, 0.3, 0.6), "log_b": (0.0, 3.0, 6.0),
+                  "beta": (0.1, 0.3, 0.6), "log_g": (-1.0, 1.0, 3.0), "gamma": (0.2, 0.6, 1.2),
+                  "log_c": (-1.5, -0.5, 0.5)}
+
+  def to_params(self, raw):
+    r = [float(x) for x in np.asarray(raw, np.float64)]
+    return {"a": math.exp(r[0]), "alpha": r[1], "b": math.exp(r[2]), "beta": r[3],
+            "g": math.exp(r[4]), "gamma": r[5], "c": math.exp(r[6])}
+
+  def to_raw(self, params):
+    self.check_params(params)
+    p = params
+    return np.array([math.log(p["a"]), p["alpha"], math.log(p["b"]), p["beta"], math.log(p["g"]),
+                     p["gamma"], math.log(p["c"])])
+
+  def log_loss(self, raw, logx):
+    log_a, alpha, log_b, beta, log_g, gamma, log_c = (raw[i] for i in range(7))
+    ln, ld, lg = logx["N"], logx["D"], logx["G"]
+    return _lse(log_c, log_g - gamma * lg - alpha * ln, log_a - alpha * ln, log_b - beta * ld)
+
+
+def clark_expert_transform(num_experts, e_start, e_max):
+  """Saturating expert count of Clark et al. (2022), "Unified Scaling Laws for Routed Language
+  Models", arXiv:2202.01169:
+
+      1 / E_hat = 1 / (E - 1 + (1/E_start - 1/E_max)^-1) + 1 / E_max
+
+  E_hat(1) = E_start, E_hat grows like E for E_start << E << E_max and saturates at E_max.
+  Works on numpy or jax arrays. E_start = 1 and E_max = inf give E_hat = E.
+  """
+  inv_gap = 1.0 / e_start - 1.0 / e_max
+  return 1.0 / (1.0 / (num_experts - 1.0 + 1.0 / inv_gap) + 1.0 / e_max)
+
+
+@register
+class Clark(Law):
+  """Clark et al. (2022), "Unified Scaling Laws for Routed Language Models", arXiv:2202.01169,
+  Eq. (1) with the saturating transform of their Sec. 4 (see `clark_expert_transform`):
+
+      log10 L(N, E) = a log10 N + b log10 E_hat + c log10 N log10 E_hat + d
+
+  N dense (per-token) parameters, E experts; fitted at a fixed token budget (130B tokens in the
+  paper). Raw: E_start = 1 + exp(s), E_max = E_start + exp(t), keeping 1 < E_start < E_max.
+  Table 3 of the paper (as transcribed by a secondary source; the PDF itself was not available
+  here), S-BASE: a = -0.082, b = -0.108, c = 0.009, d = 1.104, E_start = 1.847,
+  E_max = 314.478; RL-R: -0.083, -0.126, 0.012, 1.111, 1.880, 469.982; HASH: -0.087, -0.136,
+  0.012, 1.157, 4.175, 477.741.
+  """
+  name = "clark"
+  variables = ("N", "E")
+  param_names = ("a", "b", "c", "d", "E_start", "E_max")
+  raw_names = ("a", "b", "c", "d", "log_E_start_minus_1", "log_E_max_minus_E_start")
+  formula = "log10 L = a log10 N + b log10 E_hat + c log10 N log10 E_hat + d"
+  paper, arxiv = "Unified Scaling Laws for Routed Language Models", "2202.01169"
+  published_by_router = {
+      "S-Base": {"a": -0.082, "b": -0.108, "c": 0.009, "d": 1.104, "E_start": 1.847,
+                 "E_max": 314.478},
+      "RL-R": {"a": -0.083, "b": -0.126, "c": 0.012, "d": 1.111, "E_start": 1.880,
+               "E_max": 469.982},
+      "Hash": {"a": -0.087, "b": -0.136, "c": 0.012, "d": 1.157, "E_start": 4.175,
+               "E_max": 477.741},
+  }
+  start_values = {"a": (-0.12, -0.06), "b": (-0.2, -0.1, 0.0), "c": (0.0, 0.01, 0.02),
+                  "d": (0.8, 1.2), "log_E_start_minus_1": (-1.0, 0.5, 2.0),
+                  "log_E_max_minus_E_start": (4.0, 6.0, 8.0)}
+
+  def to_params(self, raw):
+    r = [float(x) for x in np.asarray(raw, np.float64)]
+    e_start = 1.0 + math.exp(r[4])
+    return {"a": r[0], "b": r[1], "c": r[2], "d": r[3], "E_start": e_start,
+            "E_max": e_start + math.exp(r[5])}
+
+  def to_raw(self, params):
+    self.check_params(params)
+    p = params
+    if not 1.0 < p["E_start"] < p["E_max"]:
+      raise ValueError(f"clark params E_start = {p['E_start']}, E_max = {p['E_max']} are not "
+                       "allowed: expected 1 < E_start < E_max")
+    return np.array([p["a"], p["b"], p["c"], p["d"], math.log(p["E_start"] - 1.0),
+                     math.log(p["E_max"] - p["E_start"])])
+
+  def log_loss(self, raw, logx):
+    a, b, c, d = raw[0], raw[1], raw[2], raw[3]
+    e_start = 1.0 + jnp.exp(raw[4])
+    e_max = e_start + jnp.exp(raw[5])
+    e_hat = clark_expert_transform(jnp.exp(logx["E"]), e_start, e_max)
+    ln10 = math.log(10.0)
+    l10n, l10e = logx["N"] / ln10, jnp.log(e_hat) / ln10
+    return ln10 * (a * l10n + b * l10e + c * l10n * l10e + d)
+
+
+@register
+class JointMoE(Law):
+  """Ludziejewski et al. (2025), "Joint MoE Scaling Laws: Mixture of Experts Can Be Memory
+  Efficient", arXiv:2502.05172:
+
+      L(N, D, E) = a E_hat^delta N^(alpha + gamma ln E_hat) + b E_hat^omega D^(beta + zeta ln E_hat) + c
+
+  N active parameters, D tokens, E experts. The form above is as summarised by two secondary
+  sources (the PDF was not available here); its signs are as written there, so alpha and beta
+  come out negative. NOT VERIFIED: the exact definition of the transformed expert count E_hat.
+  This implementation uses Clark et al.'s saturating transform (`clark_expert_transform`) with
+  constants fixed at construction, default E_start = 1, E_max = inf, i.e. E_hat = E; pass the
+  paper's constants once checked.
+  """
+  name = "joint_moe"
+  variables = ("N", "D", "E")
+  param_names = ("a", "alpha", "gamma", "delta", "b", "beta", "zeta", "omega", "c")
+  raw_names = ("log_a", "alpha", "gamma", "delta", "log_b", "beta", "zeta", "omega", "log_c")
+  formula = ("L = a E^delta N^(alpha + gamma ln E) + b E^omega D^(beta + zeta ln E) + c"
+             "  (E meaning E_hat)")
+  paper = "Joint MoE Scaling Laws: Mixture of Experts Can Be Memory Efficient"
+  arxiv = "2502.05172"
+  start_values = {"log_a": (2.0, 5.0), "alpha": (-0.4, -0.15), "gamma": (0.0,),
+                  "delta": (-0.2, 0.2), "log_b": (2.0, 5.0), "beta": (-0.4, -0.15),
+                  "zeta": (0.0,), "omega": (-0.2, 0.2), "log_c": (-0.5, 0.5)}
+
+  def __init__(self, e_start: float = 1.0, e_max: float = math.inf):
+    self.e_start, self.e_max = e_start, e_max
+
+  def to_params(self, raw):
+    r = [float(x) for x in np.asarray(raw, np.float64)]
+    out = dict(zip(self.raw_names, (float(x) for x in r)))
+    return {"a": math.exp(out["log_a"]), "alpha": out["alpha"], "gamma": out["gamma"],
+            "delta": out["delta"], "b": math.exp(out["log_b"]), "beta": out["beta"],
+            "zeta": out["zeta"], "omega": out["omega"], "c": math.exp(out["log_c"])}
+
+  def to_raw(self, params):
+    self.check_params(params)
+    p = params
+    return np.array([math.log(p["a"]), p["alpha"], p["gamma"], p["delta"], math.log(p["b"]),
+                     p["beta"], p["zeta"], p["omega"], math.log(p["c"])])
+
+  def log_loss(self, raw, logx):
+    log_a, alpha, gamma, delta, log_b, beta, zeta, omega, log_c = (raw[i] for i in range(9))
+    if self.e_start == 1.0 and math.isinf(self.e_max):
+      le = logx["E"]
+    else:
+      le = jnp.log(clark_expert_transform(jnp.exp(logx["E"]), self.e_start, self.e_max))
+    return _lse(log_a + delta * le + (alpha + gamma * le) * logx["N"],
+                log_b + omega * le + (beta + zeta * le) * logx["D"], log_c)
+
+
+def make_law(name: str, **kwargs) -> Law:
+  """A fresh instance of law `name` with constructor arguments (e.g. joint_moe's E_hat constants)."""
+  return type(get_law(name))(**kwargs)
+
