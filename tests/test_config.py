@@ -23,7 +23,7 @@ BAD = [
     ("model.moe.dispatch", "drop_everything", {}, "model.moe.dispatch"),
     ("model.moe.expert_type", "relu6", {}, "model.moe.expert_type"),
     ("model.moe.gmm_backend", "cuda_magic", {}, "model.moe.gmm_backend"),
-    ("model.moe.granularity", 3, {}, "model.moe.granularity"),        # 256 % 3 != 0
+    ("model.moe.granularity", 3, {}, "model.moe.granularity"),        # 128 % 3 != 0
     ("model.moe.lb_loss_weight", -0.1, {}, "model.moe.lb_loss_weight"),
     ("model.moe.group_size", 100, {"model.moe.dispatch": "capacity"}, "model.moe.group_size"),
     ("model.moe.router_args.softmax_order", "sideways", {}, "model.moe.router_args.softmax_order"),
@@ -32,7 +32,7 @@ BAD = [
      "model.moe.router_args.jitter_noise"),
     ("model.moe.router_args.temperature", 2.0, {}, "model.moe.router_args.temperature"),
     ("model.moe.router", "switch", {}, "model.moe.top_k"),             # switch is top-1
-    ("model.d_model", 130, {}, "model.d_model"),                      # not divisible by 4 heads
+    ("model.d_model", 66, {}, "model.d_model"),                       # not divisible by 4 heads
     ("model.num_kv_heads", 3, {}, "model.num_kv_heads"),
     ("model.head_dim", 31, {}, "model.head_dim"),
     ("model.dtype", "float8", {}, "model.dtype"),
@@ -106,6 +106,7 @@ def test_dense_baseline_matches_default_active_ffn_width():
 
 
 def test_fine_grained_dims():
-  d = moe_dims(load_config("fine_grained").model)
-  assert (d.num_experts, d.top_k, d.expert_width) == (64, 8, 32)
-  assert d.shared_width == 32
+  m = load_config("fine_grained").model
+  d = moe_dims(m)
+  assert (d.num_experts, d.top_k, d.expert_width) == (64, 8, m.d_ff // 8)
+  assert d.shared_width == m.d_ff // 8

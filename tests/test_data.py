@@ -17,7 +17,10 @@ from moejax.data.synthetic import MarkovMixture
 from helpers import load_config
 
 def _config(**overrides):
-  """configs/default.py with dotted-name overrides, e.g. _config(**{'data.source': 'text'})."""
+  """configs/default.py with dotted-name overrides, e.g. _config(**{'data.source': 'text'});
+  text sources get the byte vocabulary (256) unless the overrides say otherwise."""
+  if overrides.get("data.source") == "text":
+    overrides = {"model.vocab_size": 256, **overrides}
   return load_config(**overrides)
 
 
@@ -358,7 +361,7 @@ def test_errors_name_the_field(tmp_path):
   _raises(_text_config(ok_glob, **{"data.eval_fraction": 0.01}), "eval", "data.text_glob",
           "data.eval_fraction")
   _raises(_config(**{"data.branching": 1}), "train", "data.branching", "1", "[2, ")
-  _raises(_config(**{"data.branching": 300}), "train", "data.branching", "300", "256")
+  _raises(_config(**{"data.branching": 300}), "train", "data.branching", "300", "128")
   _raises(_config(**{"data.num_domains": 0}), "train", "data.num_domains", "0")
   _raises(_config(**{"train.batch_size": 0}), "train", "train.batch_size", "0")
   _raises(_config(**{"train.seq_len": -1}), "train", "train.seq_len", "-1")

@@ -33,7 +33,21 @@ CHECKS = {
         f"print({PROBE_MARK!r} + json.dumps({{'max_abs_diff': float(max_abs_diff)}}))",
         lambda v: _assert_below(v["max_abs_diff"], 1e-5, "capacity (large factor) vs dropless"),
     ),
+    # The notebook's Chinchilla fit against Besiroglu et al. 2024 (arXiv:2404.10102), and its
+    # Clark et al. S-Base fit against Table 3 of arXiv:2202.01169.
+    "scaling_laws.ipynb": (
+        "import json\n"
+        f"print({PROBE_MARK!r} + json.dumps({{**result.params, 'clark_a': clark_fit.params['a']}}))",
+        lambda v: _check_scaling_fit(v),
+    ),
 }
+
+
+def _check_scaling_fit(v: dict) -> None:
+    assert v["alpha"] == pytest.approx(0.3473, rel=1e-3)
+    assert v["beta"] == pytest.approx(0.3672, rel=1e-3)
+    assert v["E"] == pytest.approx(1.8172, rel=1e-3)
+    assert v["clark_a"] == pytest.approx(-0.082, rel=0.1)
 
 
 def _assert_below(value: float, bound: float, what: str) -> None:
