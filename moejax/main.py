@@ -6,7 +6,7 @@ Any config field can be overridden on the command line, e.g.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from moejax.config import ConfigError, validate
+from moejax.config import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
@@ -19,7 +19,11 @@ def main(argv):
   config = _CONFIG.value
   try:
     validate(config)
-  except ConfigError as e:
+    # Data fields are checked by building the host-side sources (no JAX work).
+    from moejax import data
+    for split in data.SPLITS:
+      data.make_source(config, split)
+  except ValueError as e:   # ConfigError, and the data sources' errors naming their field
     raise app.UsageError(str(e)) from None
   # Imported after validation so a bad flag fails before JAX starts.
   from moejax import metrics, train

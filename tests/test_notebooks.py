@@ -8,6 +8,7 @@ The kernel must be this interpreter (the venv that has moejax's dependencies). I
 `python3` would start another interpreter, a kernelspec for `sys.executable` is written into a
 temporary directory and put first on JUPYTER_PATH.
 """
+
 import glob
 import json
 import os
@@ -34,7 +35,8 @@ CHECKS = {
         lambda v: _assert_below(v["max_abs_diff"], 1e-5, "capacity (large factor) vs dropless"),
     ),
     # The notebook's Chinchilla fit against Besiroglu et al. 2024 (arXiv:2404.10102), and its
-    # Clark et al. S-Base fit against Table 3 of arXiv:2202.01169.
+    # Clark et al. S-Base fit against Table 3 of arXiv:2202.01169 (as transcribed second-hand;
+    # see experiments/scaling/README.md).
     "scaling_laws.ipynb": (
         "import json\n"
         f"print({PROBE_MARK!r} + json.dumps({{**result.params, 'clark_a': clark_fit.params['a']}}))",
@@ -44,87 +46,95 @@ CHECKS = {
 
 
 def _check_scaling_fit(v: dict) -> None:
-    assert v["alpha"] == pytest.approx(0.3473, rel=1e-3)
-    assert v["beta"] == pytest.approx(0.3672, rel=1e-3)
-    assert v["E"] == pytest.approx(1.8172, rel=1e-3)
-    assert v["clark_a"] == pytest.approx(-0.082, rel=0.1)
+  assert v["alpha"] == pytest.approx(0.3473, rel=1e-3)
+  assert v["beta"] == pytest.approx(0.3672, rel=1e-3)
+  assert v["E"] == pytest.approx(1.8172, rel=1e-3)
+  assert v["clark_a"] == pytest.approx(-0.082, rel=0.1)
 
 
 def _assert_below(value: float, bound: float, what: str) -> None:
-    assert value < bound, f"{what}: max |difference| = {value:.3e}, expected < {bound:g}"
+  assert value < bound, f"{what}: max |difference| = {value:.3e}, expected < {bound:g}"
 
 
 def _same_interpreter(argv0: str) -> bool:
-    """Whether a kernelspec's argv[0] starts this interpreter.
+  """Whether a kernelspec's argv[0] starts this interpreter.
 
-    jupyter_client replaces a bare `python`, `python3` or `python3.X` with sys.executable. A path
-    is compared without resolving symlinks: a venv's python links to the system one, but only
-    the venv path gives the venv's site-packages.
-    """
-    major, minor = sys.version_info[:2]
-    if argv0 in ("python", f"python{major}", f"python{major}.{minor}"):
-        return True
-    found = shutil.which(argv0) or argv0
-    return os.path.abspath(found) == os.path.abspath(sys.executable)
+  jupyter_client replaces a bare `python`, `python3` or `python3.X` with sys.executable. A path
+  is compared without resolving symlinks: a venv's python links to the system one, but only
+  the venv path gives the venv's site-packages.
+  """
+  major, minor = sys.version_info[:2]
+  if argv0 in ("python", f"python{major}", f"python{major}.{minor}"):
+    return True
+  found = shutil.which(argv0) or argv0
+  return os.path.abspath(found) == os.path.abspath(sys.executable)
 
 
 @pytest.fixture(scope="module")
 def kernel_name(tmp_path_factory):
-    """`python3` if it resolves to sys.executable, else a kernelspec written for it now."""
-    try:
-        spec = KernelSpecManager().get_kernel_spec("python3")
-        if _same_interpreter(spec.argv[0]):
-            yield "python3"
-            return
-    except NoSuchKernel:
-        pass
-    name = "moejax-test-python"
-    root = tmp_path_factory.mktemp("jupyter")
-    kernel_dir = root / "kernels" / name
-    kernel_dir.mkdir(parents=True)
-    (kernel_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": f"moejax tests ({sys.executable})",
-        "language": "python",
-    }))
-    old = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(root)] + ([old] if old else []))
-    try:
-        yield name
-    finally:
-        if old is None:
-            os.environ.pop("JUPYTER_PATH", None)
-        else:
-            os.environ["JUPYTER_PATH"] = old
+  """`python3` if it resolves to sys.executable, else a kernelspec written for it now."""
+  try:
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    if _same_interpreter(spec.argv[0]):
+      yield "python3"
+      return
+  except NoSuchKernel:
+    pass
+  name = "moejax-test-python"
+  root = tmp_path_factory.mktemp("jupyter")
+  kernel_dir = root / "kernels" / name
+  kernel_dir.mkdir(parents=True)
+  (kernel_dir / "kernel.json").write_text(
+      json.dumps(
+          {
+              "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+              "display_name": f"moejax tests ({sys.executable})",
+              "language": "python",
+          }
+      )
+  )
+  old = os.environ.get("JUPYTER_PATH")
+  os.environ["JUPYTER_PATH"] = os.pathsep.join([str(root)] + ([old] if old else []))
+  try:
+    yield name
+  finally:
+    if old is None:
+      os.environ.pop("JUPYTER_PATH", None)
+    else:
+      os.environ["JUPYTER_PATH"] = old
 
 
 def _probe_values(cell) -> dict:
-    """The JSON dict a probe cell printed (the line starting with PROBE_MARK)."""
-    text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-    for line in text.splitlines():
-        if line.startswith(PROBE_MARK):
-            return json.loads(line[len(PROBE_MARK):])
-    raise AssertionError(f"the probe cell printed no {PROBE_MARK.strip()} line: {text!r}")
+  """The JSON dict a probe cell printed (the line starting with PROBE_MARK)."""
+  text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+  for line in text.splitlines():
+    if line.startswith(PROBE_MARK):
+      return json.loads(line[len(PROBE_MARK) :])
+  raise AssertionError(f"the probe cell printed no {PROBE_MARK.strip()} line: {text!r}")
 
 
 def test_notebooks_are_found():
-    """The glob sees the notebooks (so an empty parametrisation cannot pass silently)."""
-    names = [os.path.basename(p) for p in NOTEBOOKS]
-    assert "moe_layer_tour.ipynb" in names, names
+  """The glob sees the notebooks (so an empty parametrisation cannot pass silently)."""
+  names = [os.path.basename(p) for p in NOTEBOOKS]
+  assert "moe_layer_tour.ipynb" in names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
 def test_notebook_executes(path, kernel_name):
-    """Runs every cell (cwd = notebooks/, like Jupyter); any cell error fails the test."""
-    nb = nbformat.read(path, as_version=4)
-    check = CHECKS.get(os.path.basename(path))
-    if check is not None:
-        nb.cells.append(nbformat.v4.new_code_cell(check[0]))
-    client = NotebookClient(nb, kernel_name=kernel_name, timeout=CELL_TIMEOUT_S,
-                            allow_errors=False,
-                            resources={"metadata": {"path": os.path.dirname(path)}})
-    start = time.perf_counter()
-    client.execute()  # raises CellExecutionError naming the cell and the traceback
-    print(f"{os.path.basename(path)} executed in {time.perf_counter() - start:.1f} s")
-    if check is not None:
-        check[1](_probe_values(nb.cells[-1]))
+  """Runs every cell (cwd = notebooks/, like Jupyter); any cell error fails the test."""
+  nb = nbformat.read(path, as_version=4)
+  check = CHECKS.get(os.path.basename(path))
+  if check is not None:
+    nb.cells.append(nbformat.v4.new_code_cell(check[0]))
+  client = NotebookClient(
+      nb,
+      kernel_name=kernel_name,
+      timeout=CELL_TIMEOUT_S,
+      allow_errors=False,
+      resources={"metadata": {"path": os.path.dirname(path)}},
+  )
+  start = time.perf_counter()
+  client.execute()  # raises CellExecutionError naming the cell and the traceback
+  print(f"{os.path.basename(path)} executed in {time.perf_counter() - start:.1f} s")
+  if check is not None:
+    check[1](_probe_values(nb.cells[-1]))
