@@ -58,7 +58,8 @@ def _forward_loss(graphdef, params, batch, *, train, rng):
   model = nnx.merge(graphdef, params)
   logits, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], train=train,
                       rng=rng)
-  loss_sum, count = lm_loss(logits, batch["targets"], (batch["segment_ids"] > 0).astype(jnp.float32))
+  weights = (batch["segment_ids"] > 0).astype(jnp.float32)   # padding has segment 0
+  loss_sum, count = lm_loss(logits, batch["targets"], weights)
   return loss_sum, count, aux
 
 
@@ -84,8 +85,8 @@ class Trainer:
     self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, self.mesh))
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self._init = jax.jit(self._init_state, out_shardings=self._state_shardings())
     shardings = self._state_shardings()
+    self._init = jax.jit(self._init_state, out_shardings=shardings)
     batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
     self.train_step = jax.jit(self._train_step, in_shardings=(shardings, batch_shardings),
                               out_shardings=(shardings, self.replicated), donate_argnums=0)
@@ -95,9 +96,11 @@ class Trainer:
 
   def _state_shardings(self):
     abstract = jax.eval_shape(self._init_state)
-    # Optimizer moments mirror the params; give them the params' shardings.
-    opt = _match_param_shardings(abstract["opt_state"], abstract["params"], self.param_shardings,
-                                 default=self.replicated)
+    # Optimizer moments mirror the params and take their shardings; counters are replicated.
+    is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+    opt = optax.tree_utils.tree_map_params(
+        self.tx, lambda _, s: s, abstract["opt_state"], self.param_shardings,
+        transform_non_params=lambda _: self.replicated, is_leaf=is_sharding)
     return {"params": self.param_shardings, "opt_state": opt, "step": self.replicated,
             "rng": self.replicated}
 
@@ -131,56 +134,26 @@ class Trainer:
             "rng": state["rng"]}, out
 
   def _eval_step(self, params, batch):
-    loss_sum, count, aux = _forward_loss(self.graphdef, params, batch, train=False, rng=None)
-    return {"loss_sum": loss_sum, "count": count, **_layer_scalars(aux)}
+    loss_sum, count, _ = _forward_loss(self.graphdef, params, batch, train=False, rng=None)
+    return {"loss_sum": loss_sum, "count": count}
 
   def put_batch(self, batch: dict) -> dict:
     """Host numpy batch -> device arrays sharded over the data axes (model inputs only)."""
     return {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
 
-  def evaluate(self, params, source, num_batches: int) -> dict:
-    """Mean per-token loss over the first `num_batches` batches of `source` (the same batches
-    at every evaluation, so eval losses are comparable across steps)."""
-    if not hasattr(source, "_eval_start"):
-      source._eval_start = source.get_state()
-    source.set_state(source._eval_start)
-    loss_sum = count = 0.0
-    for _ in range(num_batches):
-      out = self.eval_step(params, self.put_batch(source.next()))
-      loss_sum += float(out["loss_sum"])
-      count += float(out["count"])
-    return {"eval/loss": loss_sum / max(count, 1.0)}
+  def evaluate(self, params, batches: list[dict]) -> dict:
+    """Mean per-token loss over `batches` (device batches from `put_batch`)."""
+    outs = jax.device_get([self.eval_step(params, b) for b in batches])
+    return {"eval/loss": sum(float(o["loss_sum"]) for o in outs)
+                         / max(sum(float(o["count"]) for o in outs), 1.0)}
 
 
-def _match_param_shardings(opt_abstract, params_abstract, param_shardings, default):
-  """Shardings for an optax state: subtrees shaped like the params get the params' shardings."""
-  params_struct = jax.tree.structure(params_abstract)
-  flat_shardings = jax.tree.leaves(param_shardings,
-                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-
-  def is_params_like(x):
-    try:
-      return jax.tree.structure(x) == params_struct
-    except Exception:  # noqa: BLE001  (non-pytree nodes)
-      return False
-
-  def assign(x):
-    if is_params_like(x):
-      return jax.tree.unflatten(params_struct, flat_shardings)
-    return jax.tree.map(lambda _: default, x)
-
-  return jax.tree.map(assign, opt_abstract, is_leaf=is_params_like)
-
-
-def bayes_loss(source, num_batches: int) -> float | None:
-  """Mean Bayes-optimal loss over the eval batches when the source can compute it (the best any
+def bayes_loss(source, batches: list[dict]) -> float | None:
+  """Mean Bayes-optimal loss over host `batches` when `source` can compute it (the best any
   model can do at this sequence length; above `loss_floor`, which assumes the domain is known)."""
   if not hasattr(source, "bayes_nll"):
     return None
-  start = source.get_state()
-  nll = [source.bayes_nll(source.next()).mean() for _ in range(num_batches)]
-  source.set_state(start)
-  return float(np.mean(nll))
+  return float(np.mean([source.bayes_nll(b).mean() for b in batches]))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -208,8 +181,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     start, state, extra = ckpt.restore(abstract_state=abstract)
     train_source.set_state(extra["data"])
   writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None)
+  # Every evaluation uses the same held-out batches, so eval losses compare across steps.
+  host_eval_batches = [eval_source.next() for _ in range(t.eval_batches)]
+  eval_batches = [trainer.put_batch(b) for b in host_eval_batches]
   floor = train_source.loss_floor
-  data_stats = {"data/loss_floor": floor, "data/bayes_loss": bayes_loss(eval_source, t.eval_batches)}
+  data_stats = {"data/loss_floor": floor,
+                "data/bayes_loss": bayes_loss(eval_source, host_eval_batches)}
   data_stats = {k: v for k, v in data_stats.items() if v is not None}
   if start == 0:
     writer.write(0, data_stats)
@@ -232,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         bar.update(step, loss=out["train/loss"], tokens_per_s=tokens_per_s,
                    max_vio=_mean_metric(out, "max_vio"))
       if step % t.eval_every == 0 or step == t.steps:
-        eval_out = trainer.evaluate(state["params"], eval_source, t.eval_batches)
+        eval_out = trainer.evaluate(state["params"], eval_batches)
         writer.write(step, eval_out)
         bar.write(f"step {step}: eval/loss {eval_out['eval/loss']:.4f}"
                   + (f" (floor {floor:.4f})" if floor is not None else ""))

@@ -4,21 +4,18 @@ A notebook added to notebooks/ is picked up automatically (the tests are paramet
 glob). Notebooks listed in `CHECKS` also get a probe cell appended (run in the same kernel after
 the last cell) that prints values the notebook computed, and the test asserts on them.
 
-The kernel must be this interpreter (the venv that has moejax's dependencies). If the kernelspec
-`python3` would start another interpreter, a kernelspec for `sys.executable` is written into a
-temporary directory and put first on JUPYTER_PATH.
+The kernel must be this interpreter (the venv that has moejax's dependencies): a kernelspec for
+`sys.executable` is written into a temporary directory and put first on JUPYTER_PATH.
 """
 
 import glob
 import json
 import os
-import shutil
 import sys
 import time
 
 import nbformat
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,30 +53,10 @@ def _assert_below(value: float, bound: float, what: str) -> None:
   assert value < bound, f"{what}: max |difference| = {value:.3e}, expected < {bound:g}"
 
 
-def _same_interpreter(argv0: str) -> bool:
-  """Whether a kernelspec's argv[0] starts this interpreter.
-
-  jupyter_client replaces a bare `python`, `python3` or `python3.X` with sys.executable. A path
-  is compared without resolving symlinks: a venv's python links to the system one, but only
-  the venv path gives the venv's site-packages.
-  """
-  major, minor = sys.version_info[:2]
-  if argv0 in ("python", f"python{major}", f"python{major}.{minor}"):
-    return True
-  found = shutil.which(argv0) or argv0
-  return os.path.abspath(found) == os.path.abspath(sys.executable)
-
-
 @pytest.fixture(scope="module")
 def kernel_name(tmp_path_factory):
-  """`python3` if it resolves to sys.executable, else a kernelspec written for it now."""
-  try:
-    spec = KernelSpecManager().get_kernel_spec("python3")
-    if _same_interpreter(spec.argv[0]):
-      yield "python3"
-      return
-  except NoSuchKernel:
-    pass
+  """A kernelspec for this interpreter, written into a temporary JUPYTER_PATH (the machine's
+  `python3` kernelspec may start another interpreter, without moejax's dependencies)."""
   name = "moejax-test-python"
   root = tmp_path_factory.mktemp("jupyter")
   kernel_dir = root / "kernels" / name
