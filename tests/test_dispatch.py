@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
 from moejax.dispatch import (DISPATCHERS, capacity_masks, expert_capacity, inverse_permutation,
@@ -84,6 +85,53 @@ def test_capacity_masks_match_loop(seed, s, e, k, capacity):
     np.testing.assert_allclose(combine[gi], want_c, rtol=1e-7)
   assert np.asarray(dispatch).sum(axis=(1, 3)).max() <= capacity   # per group and expert
   assert 0 < np.asarray(dispatch).sum() < g * s * k                 # something was dropped
+
+
+@st.composite
+def _routing_case(draw):
+  """A random group: S tokens each choosing K distinct experts of E, and a capacity."""
+  e = draw(st.integers(1, 6))
+  k = draw(st.integers(1, e))
+  s = draw(st.integers(1, 12))
+  capacity = draw(st.integers(1, 2 * s))
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  index = np.stack([rng.choice(e, size=k, replace=False) for _ in range(s)]).astype(np.int32)
+  weights = rng.uniform(size=(s, k)).astype(np.float32)
+  return index, weights, e, capacity
+
+
+@settings(max_examples=25, deadline=None)
+@given(_routing_case())
+def test_capacity_masks_conserve_copies(case):
+  """Conservation, whatever the priority rule: each expert keeps min(its copies, C), each slot
+  holds at most one copy, a copy is kept at most once and only by its own expert, with its own
+  weight; kept + dropped = S*K."""
+  index, weights, e, capacity = case
+  dispatch, combine = (np.asarray(a) for a in capacity_masks(
+      jnp.asarray(index), jnp.asarray(weights), e, capacity))
+  counts = np.bincount(index.ravel(), minlength=e)
+  np.testing.assert_array_equal(dispatch.sum(axis=(0, 2)), np.minimum(counts, capacity))
+  assert dispatch.sum(axis=0).max(initial=0) <= 1                  # one copy per slot
+  chosen = np.zeros((index.shape[0], e))
+  np.put_along_axis(chosen, index, 1.0, axis=1)
+  assert np.all(dispatch.sum(axis=2) <= chosen)                    # only chosen experts, once
+  w = np.zeros((index.shape[0], e))
+  np.put_along_axis(w, index, weights, axis=1)
+  np.testing.assert_allclose(combine.sum(axis=2), w * dispatch.sum(axis=2), rtol=1e-6)
+  np.testing.assert_array_equal(dispatch, _priority_reference(index, weights, e, capacity)[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(_routing_case())
+def test_sort_by_expert_groups_copies_contiguously(case):
+  index, _, e, _ = case
+  sort_index = np.asarray(sort_by_expert(jnp.asarray(index)))
+  flat = index.ravel()
+  assert sorted(sort_index.tolist()) == list(range(flat.size))     # a permutation
+  sorted_experts = flat[sort_index]
+  assert np.all(np.diff(sorted_experts) >= 0)                      # grouped by expert...
+  for expert in range(e):                                          # ...stable within a group
+    assert np.all(np.diff(sort_index[sorted_experts == expert]) > 0)
 
 
 # ----------------------------------------------------------------------------- permutation
