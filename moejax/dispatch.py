@@ -79,6 +79,9 @@ def capacity_dispatch(x: jax.Array, routing: Routing, experts, *, group_size: in
     y [T, D] and {"dropped_frac": fraction of the T*K copies dropped}.
   """
   t, d = x.shape
+  if t % group_size:
+    raise ValueError(f"model.moe.group_size={group_size} must divide the {t} tokens of this "
+                     "batch (batch_size * seq_len) under capacity dispatch")
   num_experts = routing.group_sizes.shape[0]
   k = routing.expert_index.shape[1]
   g = t // group_size

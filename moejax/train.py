@@ -192,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     writer.write(0, data_stats)
   tokens_per_step = t.batch_size * t.seq_len
   bar = metrics_lib.ProgressBar(t.steps, start, disable=None if progress is None else not progress)
-  last, tokens_per_s, eval_out = {}, 0.0, {}
+  last, tokens_per_s, eval_out = {}, None, {}
   tic, timed_steps = time.perf_counter(), 0
   with checkpoint.PreemptionGuard() as guard:
     for step in range(start + 1, t.steps + 1):
@@ -218,17 +218,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if stop:
         break
   bar.close()
+  if not eval_out:   # nothing left to train (a finished workdir) or stopped before an eval
+    eval_out = trainer.evaluate(state["params"], eval_batches)
   ckpt.close()
   writer.close()
   final_step = int(jax.device_get(state["step"]))
-  return {"step": final_step, "train/loss": last.get("train/loss"),
-          "eval/loss": eval_out.get("eval/loss"), **data_stats,
-          "train/tokens_per_s": tokens_per_s,
-          "moe/max_vio": _mean_metric(last, "max_vio"),
-          "moe/dropped_frac": _mean_metric(last, "dropped_frac"),
-          "moe/load": _mean_load(last),
-          "checkpoints": ckpt.directory, "metrics": writer.path,
-          "stopped_early": final_step < t.steps}
+  summary = {"step": final_step, "train/loss": last.get("train/loss"),
+             "eval/loss": eval_out.get("eval/loss"), **data_stats,
+             "train/tokens_per_s": tokens_per_s,
+             "moe/max_vio": _mean_metric(last, "max_vio"),
+             "moe/dropped_frac": _mean_metric(last, "dropped_frac"),
+             "moe/load": _mean_load(last),
+             "checkpoints": ckpt.directory, "metrics": writer.path,
+             "stopped_early": final_step < t.steps}
+  return {k: v for k, v in summary.items() if v is not None}
 
 
 def _mean_metric(out: dict, name: str):

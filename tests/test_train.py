@@ -79,6 +79,12 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, config.train.steps + 1))   # no duplicate steps
   assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]              # bit-identical
   assert _losses(straight, "eval/loss") == _losses(resumed, "eval/loss")
+  # A finished workdir trains no further and reports the final eval loss again.
+  lines_before = read_metrics(os.path.join(resumed, "metrics.jsonl"))
+  third = train_and_evaluate(config, resumed, progress=False)
+  assert third["step"] == config.train.steps and "train/loss" not in third
+  assert third["eval/loss"] == _losses(resumed, "eval/loss")[config.train.steps]
+  assert read_metrics(os.path.join(resumed, "metrics.jsonl")) == lines_before
 
 
 def test_one_device_equals_eight_devices():
