@@ -12,7 +12,6 @@ from typing import Any
 import ml_collections
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_EXPERT_TYPES = ("swiglu", "gelu")
 
 
 
@@ -83,36 +82,27 @@ def _get(cfg, path: str):
   return node
 
 
-def _check_router_builds(config) -> None:
-  """Builds the router abstractly (no FLOPs, no compile) so its own argument checks, which raise
-  ConfigError, run now."""
-  from flax import nnx
-  from moejax.routing import ROUTERS
-
-  m, moe = config.model, config.model.moe
-  dims = moe_dims(m)
-  nnx.eval_shape(lambda: ROUTERS[moe.router](m.d_model, dims.num_experts, dims.top_k,
-                                             rngs=nnx.Rngs(0), **moe.router_args))
+# Router constructor arguments the layer supplies; the rest may come from model.moe.router_args.
+_LAYER_SUPPLIED_ROUTER_ARGS = {"self", "d_model", "num_experts", "top_k", "rngs", "param_dtype"}
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every field of a moejax config; returns it unchanged or raises `ConfigError`."""
+def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks the `model` subtree alone (what building the model and counting its parameters
+  need); returns it unchanged or raises `ConfigError` with `model.`-prefixed field names."""
   # Imported here: the registries live with their implementations.
-  from moejax.data import SOURCES
-  from moejax.routing import ROUTERS
+  from flax import nnx
   from moejax.dispatch import DISPATCHERS
+  from moejax.experts import FFN_FORMS
   from moejax.kernels import GMM_BACKENDS
+  from moejax.routing import ROUTERS
 
-  m, moe, t = config.model, config.model.moe, config.train
-  for f in ("model.vocab_size", "model.d_model", "model.num_layers", "model.num_heads",
-            "model.num_kv_heads", "model.head_dim", "model.d_ff", "model.max_len",
-            "model.moe.num_experts", "model.moe.top_k", "model.moe.granularity",
-            "model.moe.group_size", "train.steps", "train.batch_size", "train.seq_len",
-            "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.log_every"):
-    _positive_int(config, f)
-  for f in ("seed", "model.moe_every", "model.moe.num_shared_experts", "train.warmup_steps"):
-    _nonneg_int(config, f)
+  root, m, moe = {"model": model}, model, model.moe
+  for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "d_ff", "max_len", "moe.num_experts", "moe.top_k", "moe.granularity",
+            "moe.group_size"):
+    _positive_int(root, f"model.{f}")
+  for f in ("moe_every", "moe.num_shared_experts"):
+    _nonneg_int(root, f"model.{f}")
 
   _check(m.d_model % m.num_heads == 0, "model.d_model", m.d_model,
          f"a multiple of model.num_heads={m.num_heads}")
@@ -128,16 +118,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"at most model.moe.num_experts={moe.num_experts}")
   _check(m.d_ff % moe.granularity == 0, "model.moe.granularity", moe.granularity,
          f"a divisor of model.d_ff={m.d_ff}")
-  _check(moe.expert_type in _EXPERT_TYPES, "model.moe.expert_type", moe.expert_type,
-         f"one of {_EXPERT_TYPES}")
+  _check(moe.expert_type in FFN_FORMS, "model.moe.expert_type", moe.expert_type,
+         f"one of {tuple(FFN_FORMS)}")
   _check(moe.router in ROUTERS, "model.moe.router", moe.router, f"one of {sorted(ROUTERS)}")
-  router_params = inspect.signature(ROUTERS[moe.router].__init__).parameters
+  router_args = set(inspect.signature(ROUTERS[moe.router].__init__).parameters)
   for key in moe.router_args:
-    _check(key in router_params and key not in ("self", "d_model", "num_experts", "top_k", "rngs"),
-           f"model.moe.router_args.{key}", moe.router_args[key],
-           f"an argument of router {moe.router!r}: "
-           f"{sorted(set(router_params) - {'self', 'd_model', 'num_experts', 'top_k', 'rngs', 'param_dtype'})}")
-  _check_router_builds(config)
+    _check(key in router_args - _LAYER_SUPPLIED_ROUTER_ARGS, f"model.moe.router_args.{key}",
+           moe.router_args[key], f"an argument of router {moe.router!r}: "
+           f"{sorted(router_args - _LAYER_SUPPLIED_ROUTER_ARGS)}")
+  # Build the router abstractly (no FLOPs, no compile) so its own argument checks, which raise
+  # ConfigError, run now.
+  dims = moe_dims(m)
+  nnx.eval_shape(lambda: ROUTERS[moe.router](m.d_model, dims.num_experts, dims.top_k,
+                                             rngs=nnx.Rngs(0), **moe.router_args))
   _check(moe.dispatch in DISPATCHERS, "model.moe.dispatch", moe.dispatch,
          f"one of {sorted(DISPATCHERS)}")
   _check(isinstance(moe.capacity_factor, (int, float)) and moe.capacity_factor > 0,
@@ -146,7 +139,21 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"one of {sorted(GMM_BACKENDS)}")
   for f in ("lb_loss_weight", "z_loss_weight"):
     _check(moe[f] >= 0, f"model.moe.{f}", moe[f], "a number >= 0")
+  return model
 
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field of a moejax config; returns it unchanged or raises `ConfigError`."""
+  from moejax.data import SOURCES
+
+  validate_model(config.model)
+  m, moe, t = config.model, config.model.moe, config.train
+  for f in ("train.steps", "train.batch_size", "train.seq_len", "train.eval_every",
+            "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+            "train.log_every"):
+    _positive_int(config, f)
+  for f in ("seed", "train.warmup_steps"):
+    _nonneg_int(config, f)
   _check(t.seq_len <= m.max_len, "train.seq_len", t.seq_len,
          f"at most model.max_len={m.max_len}")
   if moe.dispatch == "capacity":

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.kernels import GMM_BACKENDS
+from moejax.params import logical_param
 
 
 def swiglu(x, w, matmul):
@@ -35,10 +36,9 @@ FFN_FORMS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 
 
-def _param(rngs, shape, fan_in, names, param_dtype):
-  init = nnx.initializers.normal(stddev=fan_in ** -0.5)
-  return nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=names,
-                   eager_sharding=False)
+def num_ffn_matrices(ffn_type: str) -> int:
+  """Weight matrices of one FFN of this form: the D -> F ones plus the F -> D one."""
+  return len(FFN_FORMS[ffn_type][1]) + 1
 
 
 class MLP(nnx.Module):
@@ -49,9 +49,10 @@ class MLP(nnx.Module):
                dtype=jnp.float32, param_dtype=jnp.float32):
     self.ffn_type, self.dtype = ffn_type, dtype
     _, in_names = FFN_FORMS[ffn_type]
-    self.w = nnx.Dict({n: _param(rngs, (d_model, width), d_model, ("embed", "mlp"), param_dtype)
-                       for n in in_names})
-    self.w["down"] = _param(rngs, (width, d_model), width, ("mlp", "embed"), param_dtype)
+    self.w = nnx.Dict({n: logical_param(rngs, (d_model, width), d_model ** -0.5,
+                                        ("embed", "mlp"), param_dtype) for n in in_names})
+    self.w["down"] = logical_param(rngs, (width, d_model), width ** -0.5, ("mlp", "embed"),
+                                   param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [..., D] -> [..., D]."""
@@ -69,10 +70,10 @@ class ExpertBank(nnx.Module):
     self.ffn_type, self.dtype, self.gmm_backend = ffn_type, dtype, gmm_backend
     _, in_names = FFN_FORMS[ffn_type]
     self.w = nnx.Dict({
-        n: _param(rngs, (num_experts, d_model, width), d_model, ("expert", "embed", "expert_mlp"),
-                  param_dtype) for n in in_names})
-    self.w["down"] = _param(rngs, (num_experts, width, d_model), width,
-                            ("expert", "expert_mlp", "embed"), param_dtype)
+        n: logical_param(rngs, (num_experts, d_model, width), d_model ** -0.5,
+                         ("expert", "embed", "expert_mlp"), param_dtype) for n in in_names})
+    self.w["down"] = logical_param(rngs, (num_experts, width, d_model), width ** -0.5,
+                                   ("expert", "expert_mlp", "embed"), param_dtype)
 
   def _weights(self):
     return {n: p[...].astype(self.dtype) for n, p in self.w.items()}

@@ -21,13 +21,12 @@ def main(argv):
     validate(config)
     # Data fields are checked by building the host-side sources (no JAX work).
     from moejax import data
-    for split in data.SPLITS:
-      data.make_source(config, split)
+    sources = data.make_sources(config)
   except ValueError as e:   # ConfigError, and the data sources' errors naming their field
     raise app.UsageError(str(e)) from None
-  # Imported after validation so a bad flag fails before JAX starts.
+  # A bad flag has failed by now, before anything was compiled.
   from moejax import metrics, train
-  summary = train.train_and_evaluate(config, _WORKDIR.value)
+  summary = train.train_and_evaluate(config, _WORKDIR.value, sources=sources)
   print("\n" + metrics.format_summary(summary))
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 from moejax.config import is_moe_layer
 from moejax.experts import MLP
 from moejax.layers import MoELayer
+from moejax.params import logical_param, ones_param
 
 
 @flax.struct.dataclass
@@ -30,17 +31,11 @@ class MoEAux:
   layers: dict
 
 
-def _param(rngs, shape, stddev, names, dtype):
-  init = nnx.initializers.normal(stddev=stddev)
-  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
-
-
 class RMSNorm(nnx.Module):
   """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), statistics in float32."""
 
   def __init__(self, dim: int, *, param_dtype=jnp.float32, eps: float = 1e-6):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",),
-                           eager_sharding=False)
+    self.scale = ones_param((dim,), ("embed",), param_dtype)
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,10 +68,11 @@ class Attention(nnx.Module):
     pd = jnp.dtype(m.param_dtype)
     self.dtype, self.theta = jnp.dtype(m.dtype), m.rope_theta
     d, h, kv, dh = m.d_model, m.num_heads, m.num_kv_heads, m.head_dim
-    self.wq = _param(rngs, (d, h, dh), d ** -0.5, ("embed", "heads", "head_dim"), pd)
-    self.wk = _param(rngs, (d, kv, dh), d ** -0.5, ("embed", "kv_heads", "head_dim"), pd)
-    self.wv = _param(rngs, (d, kv, dh), d ** -0.5, ("embed", "kv_heads", "head_dim"), pd)
-    self.wo = _param(rngs, (h, dh, d), (h * dh) ** -0.5, ("heads", "head_dim", "embed"), pd)
+    qkv_std, out_std = d ** -0.5, (h * dh) ** -0.5
+    self.wq = logical_param(rngs, (d, h, dh), qkv_std, ("embed", "heads", "head_dim"), pd)
+    self.wk = logical_param(rngs, (d, kv, dh), qkv_std, ("embed", "kv_heads", "head_dim"), pd)
+    self.wv = logical_param(rngs, (d, kv, dh), qkv_std, ("embed", "kv_heads", "head_dim"), pd)
+    self.wo = logical_param(rngs, (h, dh, d), out_std, ("heads", "head_dim", "embed"), pd)
 
   def __call__(self, x, positions, segment_ids):
     """x: [B, S, D], positions: [B, S], segment_ids: [B, S] -> [B, S, D]."""
@@ -122,11 +118,12 @@ class Transformer(nnx.Module):
   def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     pd = jnp.dtype(m.param_dtype)
     self.dtype, self.tie = jnp.dtype(m.dtype), m.tie_embeddings
-    self.embed = _param(rngs, (m.vocab_size, m.d_model), 1.0, ("vocab", "embed"), pd)
+    self.embed = logical_param(rngs, (m.vocab_size, m.d_model), 1.0, ("vocab", "embed"), pd)
     self.blocks = nnx.List([Block(m, is_moe_layer(m, i), rngs=rngs) for i in range(m.num_layers)])
     self.final_norm = RMSNorm(m.d_model, param_dtype=pd)
     self.head = (None if m.tie_embeddings else
-                 _param(rngs, (m.d_model, m.vocab_size), m.d_model ** -0.5, ("embed", "vocab"), pd))
+                 logical_param(rngs, (m.d_model, m.vocab_size), m.d_model ** -0.5,
+                               ("embed", "vocab"), pd))
     self.d_model = m.d_model
 
   def __call__(self, inputs: jax.Array, positions: jax.Array | None = None,
@@ -153,7 +150,8 @@ class Transformer(nnx.Module):
     x = self.final_norm(x)
     if self.tie:
       # Tied head: scale so initial logits are O(1) with unit-variance embeddings.
-      logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(self.dtype)) * self.d_model ** -0.5
+      embed = self.embed[...].astype(self.dtype)
+      logits = jnp.einsum("bsd,vd->bsv", x, embed) * self.d_model ** -0.5
     else:
       logits = jnp.einsum("bsd,dv->bsv", x, self.head[...].astype(self.dtype))
     return logits.astype(jnp.float32), MoEAux(aux_loss=aux_loss, layers=layers)

@@ -85,7 +85,7 @@ class Trainer:
     self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, self.mesh))
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    shardings = self._state_shardings()
+    shardings = self.state_shardings = self._state_shardings()
     self._init = jax.jit(self._init_state, out_shardings=shardings)
     batch_shardings = {k: self.batch_sharding for k in BATCH_KEYS}
     self.train_step = jax.jit(self._train_step, in_shardings=(shardings, batch_shardings),
@@ -114,6 +114,11 @@ class Trainer:
   def init_state(self):
     """A fresh train state, created directly in its shardings."""
     return self._init()
+
+  def abstract_state(self):
+    """Shapes, dtypes and shardings of the train state, without computing it (for restores)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        jax.eval_shape(self._init_state), self.state_shardings)
 
   def _train_step(self, state, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -157,28 +162,28 @@ def bayes_loss(source, batches: list[dict]) -> float | None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       progress: bool | None = None,
-                       stop_after: int | None = None) -> dict[str, Any]:
+                       progress: bool | None = None, stop_after: int | None = None,
+                       sources: dict | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest complete checkpoint.
 
   Writes `workdir/metrics.jsonl`, TensorBoard events in `workdir/tb` and orbax checkpoints in
   `workdir/checkpoints`. SIGTERM (a preemption) saves a checkpoint and returns early, as does
-  reaching step `stop_after`; running again with the same workdir resumes exactly. Returns the
-  run summary (see `metrics.format_summary`).
+  reaching step `stop_after`; running again with the same workdir resumes exactly. `sources`
+  ({split: source}, from `data.make_sources`) saves building the data again when the caller
+  already did. Returns the run summary (see `metrics.format_summary`).
   """
   validate(config)
   t = config.train
   # Host-side data first: a bad data field fails before anything is compiled.
-  train_source, eval_source = data.make_source(config, "train"), data.make_source(config, "eval")
+  sources = data.make_sources(config) if sources is None else sources
+  train_source, eval_source = sources["train"], sources["eval"]
   trainer = Trainer(config)
-  state = trainer.init_state()
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                  every=t.checkpoint_every)
-  start = 0
-  if ckpt.latest_step() is not None:
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                            state)
-    start, state, extra = ckpt.restore(abstract_state=abstract)
+  if ckpt.latest_step() is None:
+    start, state = 0, trainer.init_state()
+  else:
+    start, state, extra = ckpt.restore(abstract_state=trainer.abstract_state())
     train_source.set_state(extra["data"])
   writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None)
   # Every evaluation uses the same held-out batches, so eval losses compare across steps.
@@ -207,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last = {**out, "train/tokens_per_s": tokens_per_s}
         writer.write(step, last)
         bar.update(step, loss=out["train/loss"], tokens_per_s=tokens_per_s,
-                   max_vio=_mean_metric(out, "max_vio"))
+                   max_vio=_layer_mean(out, "max_vio"))
       if step % t.eval_every == 0 or step == t.steps:
         eval_out = trainer.evaluate(state["params"], eval_batches)
         writer.write(step, eval_out)
@@ -226,19 +231,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   summary = {"step": final_step, "train/loss": last.get("train/loss"),
              "eval/loss": eval_out.get("eval/loss"), **data_stats,
              "train/tokens_per_s": tokens_per_s,
-             "moe/max_vio": _mean_metric(last, "max_vio"),
-             "moe/dropped_frac": _mean_metric(last, "dropped_frac"),
-             "moe/load": _mean_load(last),
+             "moe/max_vio": _layer_mean(last, "max_vio"),
+             "moe/dropped_frac": _layer_mean(last, "dropped_frac"),
+             "moe/load": _layer_mean(last, "load"),
              "checkpoints": ckpt.directory, "metrics": writer.path,
              "stopped_early": final_step < t.steps}
   return {k: v for k, v in summary.items() if v is not None}
 
 
-def _mean_metric(out: dict, name: str):
-  vals = [float(np.mean(v)) for k, v in out.items() if k.startswith("moe/") and k.endswith("/" + name)]
-  return float(np.mean(vals)) if vals else None
-
-
-def _mean_load(out: dict):
-  loads = [np.asarray(v) for k, v in out.items() if k.startswith("moe/") and k.endswith("/load")]
-  return np.mean(loads, axis=0) if loads else None
+def _layer_mean(out: dict, name: str):
+  """Mean over MoE layers of metric `name` (an array for `load` [E], else a float); None if the
+  model has no MoE layer."""
+  vals = [np.asarray(v) for k, v in out.items() if k.startswith("moe/") and k.endswith("/" + name)]
+  if not vals:
+    return None
+  mean = np.mean(vals, axis=0)
+  return float(mean) if mean.ndim == 0 else mean

@@ -39,5 +39,10 @@ def make_source(config, split: str) -> IndexedSource:
   return SOURCES[name](config, split)
 
 
+def make_sources(config) -> dict[str, IndexedSource]:
+  """{split: make_source(config, split)} for every split ('train', 'eval')."""
+  return {split: make_source(config, split) for split in SPLITS}
+
+
 __all__ = ["SOURCES", "SPLITS", "IndexedSource", "MarkovMixture", "SyntheticSource",
-           "TextSource", "make_source", "register_source"]
+           "TextSource", "make_source", "make_sources", "register_source"]

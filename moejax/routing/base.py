@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.params import logical_param
+
 ROUTERS: dict[str, Callable[..., "Router"]] = {}
 
 
@@ -113,9 +115,8 @@ class Router(nnx.Module):
   def __init__(self, d_model: int, num_experts: int, top_k: int, *, rngs: nnx.Rngs,
                param_dtype=jnp.float32):
     self.num_experts, self.top_k = num_experts, top_k
-    init = nnx.initializers.normal(stddev=d_model ** -0.5)
-    self.gate = nnx.Param(init(rngs.params(), (d_model, num_experts), param_dtype),
-                          out_sharding=("embed", "expert"), eager_sharding=False)
+    self.gate = logical_param(rngs, (d_model, num_experts), d_model ** -0.5,
+                              ("embed", "expert"), param_dtype)
 
   def logits(self, x: jax.Array, *, train: bool, rng: jax.Array | None) -> jax.Array:
     """x: [T, D] -> router logits [T, E] in float32."""

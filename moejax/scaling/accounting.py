@@ -15,10 +15,8 @@ import dataclasses
 
 import ml_collections
 
-from moejax.config import ConfigError, is_moe_layer
-
-FFN_MATRICES = {"swiglu": 3, "gelu": 2}
-
+from moejax.config import is_moe_layer, moe_dims, validate_model
+from moejax.experts import num_ffn_matrices
 
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
@@ -55,43 +53,16 @@ def _model(config) -> ml_collections.ConfigDict:
   return config.model if "model" in config else config
 
 
-def _field(node, path: str, name: str, positive: bool = True):
-  if name not in node:
-    raise ConfigError(f"{path}.{name}", None, "a value (the field is missing)")
-  v = node[name]
-  if positive and not (isinstance(v, int) and v >= 1):
-    raise ConfigError(f"{path}.{name}", v, "an integer >= 1")
-  return v
-
-
 def _sizes(config) -> dict:
-  """Checked sizes from a full config or its `model` subtree."""
-  m = _model(config)
-  s = {k: _field(m, "model", k) for k in ("vocab_size", "d_model", "num_layers", "num_heads",
-                                         "num_kv_heads", "head_dim", "d_ff")}
-  s["moe_every"] = _field(m, "model", "moe_every", positive=False)
-  if not (isinstance(s["moe_every"], int) and s["moe_every"] >= 0):
-    raise ConfigError("model.moe_every", s["moe_every"], "an integer >= 0 (0: dense)")
-  s["tie"] = bool(_field(m, "model", "tie_embeddings", positive=False))
-  moe = m.moe
-  for k in ("num_experts", "top_k", "granularity"):
-    s[k] = _field(moe, "model.moe", k)
-  s["shared"] = _field(moe, "model.moe", "num_shared_experts", positive=False)
-  if not (isinstance(s["shared"], int) and s["shared"] >= 0):
-    raise ConfigError("model.moe.num_shared_experts", s["shared"], "an integer >= 0")
-  etype = _field(moe, "model.moe", "expert_type", positive=False)
-  if etype not in FFN_MATRICES:
-    raise ConfigError("model.moe.expert_type", etype, f"one of {sorted(FFN_MATRICES)}")
-  s["mats"] = FFN_MATRICES[etype]
-  if s["d_ff"] % s["granularity"]:
-    raise ConfigError("model.moe.granularity", s["granularity"],
-                      f"a divisor of model.d_ff={s['d_ff']}")
-  if s["top_k"] > s["num_experts"]:
-    raise ConfigError("model.moe.top_k", s["top_k"],
-                      f"at most model.moe.num_experts={s['num_experts']}")
-  s["num_moe"] = sum(is_moe_layer(m, i) for i in range(s["num_layers"]))
-  s["num_dense"] = s["num_layers"] - s["num_moe"]
-  return s
+  """Sizes from a full config or its `model` subtree, checked by `validate_model`."""
+  m = validate_model(_model(config))
+  dims = moe_dims(m)
+  num_moe = sum(is_moe_layer(m, i) for i in range(m.num_layers))
+  return {"vocab_size": m.vocab_size, "d_model": m.d_model, "num_layers": m.num_layers,
+          "num_heads": m.num_heads, "num_kv_heads": m.num_kv_heads, "head_dim": m.head_dim,
+          "d_ff": m.d_ff, "tie": bool(m.tie_embeddings), "dims": dims,
+          "mats": num_ffn_matrices(m.moe.expert_type), "num_moe": num_moe,
+          "num_dense": m.num_layers - num_moe}
 
 
 def param_counts(config) -> ParamCounts:
@@ -101,22 +72,21 @@ def param_counts(config) -> ParamCounts:
   (Dai et al. 2024, arXiv:2401.06066); grouped-query attention "GQA" (Ainslie et al. 2023,
   arXiv:2305.13245)."""
   s = _sizes(config)
-  d, g = s["d_model"], s["granularity"]
-  width = s["d_ff"] // g
-  expert = s["mats"] * d * width
+  d, dims = s["d_model"], s["dims"]
+  expert = s["mats"] * d * dims.expert_width
   per_attn = d * s["head_dim"] * (2 * s["num_heads"] + 2 * s["num_kv_heads"])
   b = {
       "attention": s["num_layers"] * per_attn,
       "norms": (2 * s["num_layers"] + 1) * d,
       "dense_ffn": s["num_dense"] * s["mats"] * d * s["d_ff"],
-      "router": s["num_moe"] * d * s["num_experts"] * g,
-      "experts": s["num_moe"] * s["num_experts"] * g * expert,
-      "shared_experts": s["num_moe"] * s["shared"] * expert,
+      "router": s["num_moe"] * d * dims.num_experts,
+      "experts": s["num_moe"] * dims.num_experts * expert,
+      "shared_experts": s["num_moe"] * s["mats"] * d * dims.shared_width,
       "embedding": s["vocab_size"] * d,
       "head": 0 if s["tie"] else d * s["vocab_size"],
   }
   total = sum(b.values())
-  active = total - b["experts"] + s["num_moe"] * s["top_k"] * g * expert
+  active = total - b["experts"] + s["num_moe"] * dims.top_k * expert
   return ParamCounts(total=total, active=active, embedding=b["embedding"] + b["head"], breakdown=b)
 
 
@@ -139,22 +109,22 @@ def flops_per_token(config, seq_len: int | None = None, causal: bool = False) ->
     if "train" in config and "seq_len" in config.train:
       seq_len = config.train.seq_len
     else:
-      seq_len = _field(_model(config), "model", "max_len")
+      seq_len = _model(config).max_len
   if not (isinstance(seq_len, int) and seq_len >= 1):
     raise ValueError(f"seq_len = {seq_len!r} is not allowed: expected an integer >= 1")
   counts = param_counts(config)
-  d, g, layers = s["d_model"], s["granularity"], s["num_layers"]
+  d, dims, layers = s["d_model"], s["dims"], s["num_layers"]
   heads_dim = s["num_heads"] * s["head_dim"]
   context = seq_len / 2 if causal else seq_len
-  expert = s["mats"] * d * (s["d_ff"] // g)
+  expert = s["mats"] * d * dims.expert_width
   fwd = {
       "qkv_proj": 2 * layers * d * s["head_dim"] * (s["num_heads"] + 2 * s["num_kv_heads"]),
       "out_proj": 2 * layers * heads_dim * d,
       "attn_scores": 2 * layers * context * heads_dim,
       "attn_values": 2 * layers * context * heads_dim,
-      "router": 2 * s["num_moe"] * d * s["num_experts"] * g,
-      "experts": 2 * s["num_moe"] * s["top_k"] * g * expert,
-      "shared_experts": 2 * s["num_moe"] * s["shared"] * expert,
+      "router": 2 * s["num_moe"] * d * dims.num_experts,
+      "experts": 2 * s["num_moe"] * dims.top_k * expert,
+      "shared_experts": 2 * s["num_moe"] * s["mats"] * d * dims.shared_width,
       "dense_ffn": 2 * s["num_dense"] * s["mats"] * d * s["d_ff"],
       "lm_head": 2 * d * s["vocab_size"],
   }

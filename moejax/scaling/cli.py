@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from moejax.scaling import data as data_lib
+from moejax.scaling import tables
 from moejax.scaling.fitting import LOSSES, fit
 from moejax.scaling.laws import LAWS, get_law
 from moejax.scaling.optimal import fine_grained_flops_per_token, optimal_allocation
@@ -38,9 +38,9 @@ def _subsample(starts: np.ndarray, k: int | None) -> np.ndarray:
 
 def run_fit(args) -> dict:
   law = get_law(args.law)
-  table = data_lib.read_csv(args.data)
-  table = data_lib.select(table, _pairs(args.where, "--where"))
-  table = data_lib.add_columns(table, args.column or [])
+  table = tables.read_csv(args.data)
+  table = tables.select(table, _pairs(args.where, "--where"))
+  table = tables.add_columns(table, args.column or [])
   cols = {k: table[k] for k in list(law.variables) + ["loss"] if k in table}
   result = fit(law, cols, loss=args.loss, delta=args.delta, bootstrap=args.bootstrap,
                starts=_subsample(law.start_grid(), args.starts), max_iter=args.max_iter,

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from moejax.scaling.data import read_csv
+from moejax.scaling.tables import read_csv
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "experiments", "scaling", "data")

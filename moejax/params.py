@@ -1,0 +1,21 @@
+"""Parameters that carry logical axis names (see moejax.sharding).
+
+Every weight is made here, so the metadata `moejax.sharding.state_shardings` reads is set in one
+place. `eager_sharding=False`: the model is built without a mesh; the trainer places it.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+
+def logical_param(rngs: nnx.Rngs, shape: tuple[int, ...], stddev: float,
+                  names: tuple[str, ...], dtype=jnp.float32) -> nnx.Param:
+  """A normal(0, stddev) weight of `shape` with logical axis `names`, one per dimension."""
+  init = nnx.initializers.normal(stddev=stddev)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def ones_param(shape: tuple[int, ...], names: tuple[str, ...], dtype=jnp.float32) -> nnx.Param:
+  """A weight of ones (a norm scale) with logical axis `names`."""
+  return nnx.Param(jnp.ones(shape, dtype), out_sharding=names, eager_sharding=False)
