@@ -166,8 +166,12 @@ class FineGrained(Law):
       L(N, D, G) = c + (g / G^gamma + a) / N^alpha + b / D^beta
       log L = LSE(log c, log g - gamma log G - alpha log N, log a - alpha log N, log b - beta log D)
 
-  Their Table 1 (MoE, as transcribed by a secondary source; not checked against the PDF):
-  a = 18.1, alpha = 0.115, b = 30.8, beta = 0.147, g = 2.1, gamma = 0.58, c = 0.47.
+  N is the total number of non-embedding parameters, D training tokens, G = d_ff / d_expert; their
+  runs fix the expansion rate E = 64 (Sec. 5), so the fit holds for E = 64 only.
+  Their Table 1 (Sec. 5.4), MoE row, fitted with a Huber loss (delta = 0.1) and BFGS, RMSE 0.015:
+  a = 18.1, alpha = 0.115, b = 30.8, beta = 0.147, g = 2.1, gamma = 0.58, c = 0.47 (dense row, for
+  Eq. 1 with the same c: a = 16.3, alpha = 0.126, b = 26.7, beta = 0.127). Verified against the
+  paper's text (Eq. 9, Sec. 5.3; Table 1, Sec. 5.4).
   """
   name = "fine_grained"
   variables = ("N", "D", "G")
@@ -175,6 +179,8 @@ class FineGrained(Law):
   raw_names = ("log_a", "alpha", "log_b", "beta", "log_g", "gamma", "log_c")
   formula = "L = c + (g/G^gamma + a)/N^alpha + b/D^beta"
   paper, arxiv = "Scaling Laws for Fine-Grained Mixture of Experts", "2402.07871"
+  published = {"a": 18.1, "alpha": 0.115, "b": 30.8, "beta": 0.147, "g": 2.1, "gamma": 0.58,
+               "c": 0.47}
   start_values = {"log_a": (0.0, 3.0, 6.0), "alpha": (0.1, 0.3, 0.6), "log_b": (0.0, 3.0, 6.0),
                   "beta": (0.1, 0.3, 0.6), "log_g": (-1.0, 1.0, 3.0), "gamma": (0.2, 0.6, 1.2),
                   "log_c": (-1.5, -0.5, 0.5)}
@@ -203,7 +209,9 @@ def clark_expert_transform(num_experts, e_start, e_max):
       1 / E_hat = 1 / (E - 1 + (1/E_start - 1/E_max)^-1) + 1 / E_max
 
   E_hat(1) = E_start, E_hat grows like E for E_start << E << E_max and saturates at E_max.
-  Works on numpy or jax arrays. E_start = 1 and E_max = inf give E_hat = E.
+  Works on numpy or jax arrays. E_start = 1 and E_max = inf give E_hat = E. The same equation is
+  Eq. (4) of Ludziejewski et al. (2025), arXiv:2502.05172, which quotes it from Clark et al.
+  (checked against that paper's text; Clark et al.'s own text was not reachable here).
   """
   inv_gap = 1.0 / e_start - 1.0 / e_max
   return 1.0 / (1.0 / (num_experts - 1.0 + 1.0 / inv_gap) + 1.0 / e_max)
@@ -212,16 +220,20 @@ def clark_expert_transform(num_experts, e_start, e_max):
 @register
 class Clark(Law):
   """Clark et al. (2022), "Unified Scaling Laws for Routed Language Models", arXiv:2202.01169,
-  Eq. (1) with the saturating transform of their Sec. 4 (see `clark_expert_transform`):
+  Eq. (1) with their saturating transform of the expert count (see `clark_expert_transform`):
 
       log10 L(N, E) = a log10 N + b log10 E_hat + c log10 N log10 E_hat + d
 
   N dense (per-token) parameters, E experts; fitted at a fixed token budget (130B tokens in the
   paper). Raw: E_start = 1 + exp(s), E_max = E_start + exp(t), keeping 1 < E_start < E_max.
-  Table 3 of the paper (as transcribed by a secondary source; the PDF itself was not available
-  here), S-BASE: a = -0.082, b = -0.108, c = 0.009, d = 1.104, E_start = 1.847,
+  Table 3 of the paper, S-BASE: a = -0.082, b = -0.108, c = 0.009, d = 1.104, E_start = 1.847,
   E_max = 314.478; RL-R: -0.083, -0.126, 0.012, 1.111, 1.880, 469.982; HASH: -0.087, -0.136,
   0.012, 1.157, 4.175, 477.741.
+  NOT VERIFIED against Clark et al.'s own text, which was not reachable here: these values come
+  from a secondary transcription. Corroborated: the bilinear form and E_hat by Ludziejewski et al.
+  (2025, arXiv:2502.05172, Eqs. 3-4) and Krajewski et al. (2024, arXiv:2402.07871, Eq. 2, whose
+  10^(d/a) implies base-10 logs); the values fit the shipped Clark data to 0.0037-0.0077 RMSE
+  in log10 L, which a natural-log reading of them would not (tests/test_scaling_laws.py).
   """
   name = "clark"
   variables = ("N", "E")
@@ -269,48 +281,93 @@ class Clark(Law):
 @register
 class JointMoE(Law):
   """Ludziejewski et al. (2025), "Joint MoE Scaling Laws: Mixture of Experts Can Be Memory
-  Efficient", arXiv:2502.05172:
+  Efficient", arXiv:2502.05172, Eq. (6) (= Eq. 1) with E_hat of their Eq. (4), which is Clark et
+  al.'s saturating transform (`clark_expert_transform`):
 
       L(N, D, E) = a E_hat^delta N^(alpha + gamma ln E_hat) + b E_hat^omega D^(beta + zeta ln E_hat) + c
+      log L = LSE(log a + delta ln E_hat + (alpha + gamma ln E_hat) log N,
+                  log b + omega ln E_hat + (beta + zeta ln E_hat) log D, log c)
 
-  N active parameters, D tokens, E experts. The form above is as summarised by two secondary
-  sources (the PDF was not available here); its signs are as written there, so alpha and beta
-  come out negative. NOT VERIFIED: the exact definition of the transformed expert count E_hat.
-  This implementation uses Clark et al.'s saturating transform (`clark_expert_transform`) with
-  constants fixed at construction, default E_start = 1, E_max = inf, i.e. E_hat = E; pass the
-  paper's constants once checked.
+  N active parameters including embedding and unembedding (their App. A.1), D training tokens, E
+  experts (Switch layers, top-1, experts as wide as the dense FFN). The exponents carry their
+  signs, so alpha, beta < 0. Their Table 3 (App. B): a = 35.91, alpha = -0.1889,
+  delta = -0.2285, gamma = 0.0098, b = 35.98, beta = -0.1775, omega = 0.5529, zeta = -0.0259,
+  E_start = 2.0732, E_max = 290.4521, c = 1.3637 (Huber delta = 0.01 on log L, L-BFGS, a, b, c
+  in log space; RMSE 0.0062 train, 0.0039 held out, Sec. 5.2). Verified against the paper's text:
+  the form (Eqs. 1, 4, 6, Sec. 3) and Table 3, which reproduces their Table 4 (m, mu, n, nu per E)
+  and Table 1 (compute-optimal N, D) in tests/test_scaling_laws.py.
+
+  E_start and E_max are fitted in the paper. Here they are constants of the instance, by default
+  the paper's (the registered law), so `param_names` are the 9 others; JointMoE(e_start=1,
+  e_max=inf) uses plain E. JointMoE(fit_expert_transform=True) (or make_law("joint_moe",
+  fit_expert_transform=True)) fits them too, as `Clark` does: E_start = 1 + exp(s),
+  E_max = E_start + exp(t).
   """
   name = "joint_moe"
   variables = ("N", "D", "E")
   param_names = ("a", "alpha", "gamma", "delta", "b", "beta", "zeta", "omega", "c")
   raw_names = ("log_a", "alpha", "gamma", "delta", "log_b", "beta", "zeta", "omega", "log_c")
   formula = ("L = a E^delta N^(alpha + gamma ln E) + b E^omega D^(beta + zeta ln E) + c"
-             "  (E meaning E_hat)")
+             "  (E meaning E_hat(E; E_start, E_max))")
   paper = "Joint MoE Scaling Laws: Mixture of Experts Can Be Memory Efficient"
   arxiv = "2502.05172"
+  published = {"a": 35.91, "alpha": -0.1889, "gamma": 0.0098, "delta": -0.2285, "b": 35.98,
+               "beta": -0.1775, "zeta": -0.0259, "omega": 0.5529, "c": 1.3637}
+  published_expert_transform = {"E_start": 2.0732, "E_max": 290.4521}
   start_values = {"log_a": (2.0, 5.0), "alpha": (-0.4, -0.15), "gamma": (0.0,),
-                  "delta": (-0.2, 0.2), "log_b": (2.0, 5.0), "beta": (-0.4, -0.15),
-                  "zeta": (0.0,), "omega": (-0.2, 0.2), "log_c": (-0.5, 0.5)}
+                  "delta": (-0.5, 0.0, 0.5), "log_b": (2.0, 5.0), "beta": (-0.4, -0.15),
+                  "zeta": (0.0,), "omega": (-0.5, 0.0, 0.5), "log_c": (-0.5, 0.5)}
+  _transform_starts = {"log_E_start_minus_1": (-1.0, 1.0), "log_E_max_minus_E_start": (4.0, 6.0)}
 
-  def __init__(self, e_start: float = 1.0, e_max: float = math.inf):
+  def __init__(self, e_start: float | None = None, e_max: float | None = None,
+               fit_expert_transform: bool = False):
+    self.fit_expert_transform = bool(fit_expert_transform)
+    if self.fit_expert_transform:
+      if e_start is not None or e_max is not None:
+        raise ValueError(f"e_start = {e_start!r}, e_max = {e_max!r} are not allowed with "
+                         "fit_expert_transform=True: expected None (they are fitted)")
+      self.e_start = self.e_max = None
+      cls = type(self)
+      self.param_names = cls.param_names + ("E_start", "E_max")
+      self.raw_names = cls.raw_names + tuple(cls._transform_starts)
+      self.start_values = {**cls.start_values, **cls._transform_starts}
+      self.published = {**cls.published, **cls.published_expert_transform}
+      return
+    e_start = self.published_expert_transform["E_start"] if e_start is None else float(e_start)
+    e_max = self.published_expert_transform["E_max"] if e_max is None else float(e_max)
+    if not 1.0 <= e_start < e_max:
+      raise ValueError(f"e_start = {e_start!r}, e_max = {e_max!r} are not allowed: expected "
+                       "1 <= e_start < e_max (e_max may be inf)")
     self.e_start, self.e_max = e_start, e_max
 
   def to_params(self, raw):
     r = [float(x) for x in np.asarray(raw, np.float64)]
-    out = dict(zip(self.raw_names, (float(x) for x in r)))
-    return {"a": math.exp(out["log_a"]), "alpha": out["alpha"], "gamma": out["gamma"],
-            "delta": out["delta"], "b": math.exp(out["log_b"]), "beta": out["beta"],
-            "zeta": out["zeta"], "omega": out["omega"], "c": math.exp(out["log_c"])}
+    out = {"a": math.exp(r[0]), "alpha": r[1], "gamma": r[2], "delta": r[3], "b": math.exp(r[4]),
+           "beta": r[5], "zeta": r[6], "omega": r[7], "c": math.exp(r[8])}
+    if self.fit_expert_transform:
+      out["E_start"] = 1.0 + math.exp(r[9])
+      out["E_max"] = out["E_start"] + math.exp(r[10])
+    return out
 
   def to_raw(self, params):
     self.check_params(params)
     p = params
-    return np.array([math.log(p["a"]), p["alpha"], p["gamma"], p["delta"], math.log(p["b"]),
-                     p["beta"], p["zeta"], p["omega"], math.log(p["c"])])
+    raw = [math.log(p["a"]), p["alpha"], p["gamma"], p["delta"], math.log(p["b"]), p["beta"],
+           p["zeta"], p["omega"], math.log(p["c"])]
+    if self.fit_expert_transform:
+      if not 1.0 < p["E_start"] < p["E_max"]:
+        raise ValueError(f"joint_moe params E_start = {p['E_start']}, E_max = {p['E_max']} are "
+                         "not allowed: expected 1 < E_start < E_max")
+      raw += [math.log(p["E_start"] - 1.0), math.log(p["E_max"] - p["E_start"])]
+    return np.array(raw)
 
   def log_loss(self, raw, logx):
     log_a, alpha, gamma, delta, log_b, beta, zeta, omega, log_c = (raw[i] for i in range(9))
-    if self.e_start == 1.0 and math.isinf(self.e_max):
+    if self.fit_expert_transform:
+      e_start = 1.0 + jnp.exp(raw[9])
+      e_max = e_start + jnp.exp(raw[10])
+      le = jnp.log(clark_expert_transform(jnp.exp(logx["E"]), e_start, e_max))
+    elif self.e_start == 1.0 and math.isinf(self.e_max):
       le = logx["E"]
     else:
       le = jnp.log(clark_expert_transform(jnp.exp(logx["E"]), self.e_start, self.e_max))
