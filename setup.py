@@ -17,13 +17,26 @@ INSTALL_REQUIRES = [
     "absl-py>=2.5",
 ]
 
+# Real corpora (moejax/data: TFDS data sources, Grain pipeline, SentencePiece); no TensorFlow.
+DATA = [
+    "grain>=0.2.18",
+    "tensorflow-datasets>=4.9.10",
+    "array-record>=0.8.6",
+    "sentencepiece>=0.2.3",
+    # TFDS needs it (without declaring it) to build a dataset defined in a package, such as
+    # moejax.data.tfds_builder.
+    "importlib_resources>=7.1",
+]
+
 EXTRAS = {
+    "data": DATA,
     "test": [
         "pytest>=9.0",
         "hypothesis>=6.155",
         "nbclient>=0.11",
         "nbformat>=5.11",
         "ipykernel>=7.4",
+        *DATA,
     ],
     "notebooks": [
         "jupyterlab>=4.0",

@@ -65,6 +65,17 @@ def get_config() -> ml_collections.ConfigDict:
   d.seed = 0               # the synthetic language and data order (independent of `seed`)
   d.eval_fraction = 0.1    # tail of each text file held out for eval (source="text")
   d.text_glob = ""         # files for source="text"
+  # Real corpora (source="tfds:<name>[/<config>]" or "array_record:<glob>"; README, "Real corpora").
+  d.tfds_data_dir = ""     # where `tfds build --file_format=array_record` prepared the dataset
+  d.train_split = "train"  # TFDS splits; slicing works, e.g. "train[:99%]" / "train[99%:]"
+  d.eval_split = "validation"
+  d.text_feature = ""      # "" -> the feature named "text", or the dataset's only Text feature
+  d.eval_glob = ""         # eval files for source="array_record:..." ("": hold out eval_fraction)
+  d.tokenizer = "byte"     # byte (vocab 256) | sentencepiece (data.tokenizer_model)
+  d.tokenizer_model = ""   # a SentencePiece .model file (python -m moejax.data.train_tokenizer)
+  d.pack = True            # first-fit packing of documents into rows; False: one per row
+  d.packing_bins = 16      # rows packed at once per row stream (more: less padding)
+  d.worker_count = 0       # Grain worker processes (0: in the training process)
 
   c.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1           # -1: all remaining devices

@@ -144,7 +144,8 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field of a moejax config; returns it unchanged or raises `ConfigError`."""
-  from moejax.data import SOURCES
+  from moejax.data import SOURCES, source_name
+  from moejax.data.tokenizers import TOKENIZERS
 
   validate_model(config.model)
   m, moe, t = config.model, config.model.moe, config.train
@@ -166,8 +167,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
   _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "a number > 0")
 
-  _check(config.data.source in SOURCES, "data.source", config.data.source,
-         f"one of {sorted(SOURCES)}")
+  _check(source_name(config.data.source) in SOURCES, "data.source", config.data.source,
+         f"one of {sorted(SOURCES)} (tfds:<name>[/<config>], array_record:<glob>)")
+  d = config.data
+  if "tokenizer" in d:
+    _check(d.tokenizer in TOKENIZERS, "data.tokenizer", d.tokenizer,
+           f"one of {sorted(TOKENIZERS)}")
+  if "packing_bins" in d:
+    _positive_int(config, "data.packing_bins")
+  if "worker_count" in d:
+    _nonneg_int(config, "data.worker_count")
+  if "pack" in d:
+    _check(isinstance(d.pack, bool), "data.pack", d.pack, "True or False")
 
   sizes = {a: config.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}
   for a, v in sizes.items():

@@ -143,8 +143,17 @@ class Trainer:
     return {"loss_sum": loss_sum, "count": count}
 
   def put_batch(self, batch: dict) -> dict:
-    """Host numpy batch -> device arrays sharded over the data axes (model inputs only)."""
-    return {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
+    """Host numpy batch -> device arrays sharded over the data axes (model inputs only).
+
+    On several processes `batch` may hold just this process's rows ([B/P, S] from a Grain
+    source) or the whole global batch [B, S]; `jax.make_array_from_process_local_data` builds
+    the global [B, S] arrays from either.
+    """
+    if jax.process_count() == 1:
+      return {k: jax.device_put(np.asarray(batch[k]), self.batch_sharding) for k in BATCH_KEYS}
+    shape = (self.config.train.batch_size, self.config.train.seq_len)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]),
+                                                      shape) for k in BATCH_KEYS}
 
   def evaluate(self, params, batches: list[dict]) -> dict:
     """Mean per-token loss over `batches` (device batches from `put_batch`)."""
@@ -219,7 +228,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         bar.write(f"step {step}: eval/loss {eval_out['eval/loss']:.4f}"
                   + (f" (floor {floor:.4f})" if floor is not None else ""))
         tic, timed_steps = time.perf_counter(), 0   # keep eval time out of tokens/s
-      ckpt.save(step, state, {"data": train_source.get_state()}, force=stop or step == t.steps)
+      force = stop or step == t.steps
+      if force or step % t.checkpoint_every == 0:
+        # Only when saving: a Grain source's get_state is a collective on several hosts.
+        ckpt.save(step, state, {"data": train_source.get_state()}, force=force)
       if stop:
         break
   bar.close()

@@ -15,6 +15,7 @@ SPLITS = ("train", "eval")
 TAG_LANGUAGE = 0   # the synthetic language itself (Markov chains)
 TAG_BATCH = 1      # synthetic batches: (TAG_BATCH, split, batch index)
 TAG_EPOCH = 2      # text document order: (TAG_EPOCH, split, epoch)
+TAG_GRAIN = 3      # Grain sources' shuffle seed: (TAG_GRAIN, split)
 
 
 def check_split(split: str) -> int:

@@ -1,0 +1,170 @@
+"""Random-access documents for the Grain pipeline: TFDS data sources and ArrayRecord files.
+
+Each function returns a `grain.MapDataset` of one split's documents as bytes (one element per
+document), checked before anything is compiled:
+- `tfds_documents`: a dataset prepared by `tfds build --file_format=array_record` under
+  `data.tfds_data_dir`, read through `tfds.data_source` (TFDS docs, "Data sources": random
+  access without TensorFlow); the text is the record's `tfds.features.Text` feature.
+- `array_record_documents`: ArrayRecord files (github.com/google/array_record) whose records
+  are documents as UTF-8 bytes, read with `grain.sources.ArrayRecordDataSource`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+
+import grain   # the `data` extra: this module is imported only by the Grain sources
+import numpy as np
+
+# moejax split -> the config field naming the TFDS split it reads.
+TFDS_SPLIT_FIELDS = {"train": "data.train_split", "eval": "data.eval_split"}
+
+
+def source_argument(config, prefix: str, example: str) -> str:
+  """What follows `prefix:` in config.data.source (e.g. 'c4/en' in 'tfds:c4/en')."""
+  source = config.data.source
+  name, _, arg = source.partition(":")
+  if name != prefix or not arg:
+    raise ValueError(f"data.source: got {source!r}; allowed: {prefix}:{example}")
+  return arg
+
+
+class _Field:
+  """Record dict -> the bytes of its text feature `key` (a picklable map for Grain workers)."""
+
+  def __init__(self, key: str):
+    self.key = key
+
+  def __call__(self, record) -> bytes:
+    value = record[self.key]
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
+def tfds_documents(config, split: str) -> grain.MapDataset:
+  """The documents of `split` of the TFDS dataset config.data.source = 'tfds:<name>[/<config>]'.
+
+  Reads from config.data.tfds_data_dir (never downloads); the TFDS split is
+  config.data.train_split or config.data.eval_split (TFDS slicing such as 'train[:99%]' works);
+  the text is config.data.text_feature, or when that is '' the feature named 'text', or else
+  the dataset's only Text feature. Raises ValueError naming the field at fault: a missing data
+  dir, a dataset not prepared there (listing the ones that are), a dataset not in ArrayRecord
+  format, an unknown split, no text feature (listing the features there are).
+  """
+  import tensorflow_datasets as tfds   # the `data` extra
+
+  name = source_argument(config, "tfds", "<name>[/<config>][:<version>], e.g. 'tfds:c4/en'")
+  data_dir = config.data.get("tfds_data_dir", "")
+  if not isinstance(data_dir, str) or not data_dir:
+    raise ValueError(f"data.tfds_data_dir: got {data_dir!r}; allowed: the directory that "
+                     f"`tfds build --data_dir=DIR --file_format=array_record` prepared "
+                     f"{name!r} in (required for data.source={config.data.source!r})")
+  data_dir = os.path.expanduser(data_dir)
+  if not os.path.isdir(data_dir):
+    raise ValueError(f"data.tfds_data_dir: got {data_dir!r}, which is not a directory; allowed: "
+                     f"a directory of TFDS datasets prepared with `tfds build`")
+  dataset = name.split("/")[0].split(":")[0]
+  present = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d))
+                   and not d.startswith(("downloads", ".")))
+  if dataset not in present:
+    raise ValueError(f"data.source: got {config.data.source!r}, but data.tfds_data_dir="
+                     f"{data_dir!r} holds no dataset {dataset!r}; allowed: one of {present} "
+                     f"there, or prepare it (README, \"Real corpora\"): `python -m "
+                     f"moejax.data.tfds_builder --dataset {name} --data_dir={data_dir}`, or "
+                     f"`tfds build {name} --file_format=array_record --data_dir={data_dir}`")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:   # TFDS raises several types here (not found, bad config, version)
+    raise ValueError(f"data.source: got {config.data.source!r}; TFDS cannot open it in "
+                     f"data.tfds_data_dir={data_dir!r} ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:300]}); allowed: a dataset prepared "
+                     f"there") from None
+  if not builder.is_prepared():
+    raise ValueError(f"data.source: got {config.data.source!r}, which is not prepared in "
+                     f"data.tfds_data_dir={data_dir!r} (no {builder.data_dir}); allowed: a "
+                     f"dataset prepared there with `tfds build --file_format=array_record`")
+  file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+  if file_format != "array_record":
+    raise ValueError(f"data.source: got {config.data.source!r}, stored as {file_format!r} in "
+                     f"{builder.data_dir}; allowed: a dataset prepared with "
+                     f"`tfds build --file_format=array_record` (random access, no TensorFlow)")
+  text_key = _text_feature(builder, config)
+  field = TFDS_SPLIT_FIELDS[split]
+  tfds_split = config.data.get(field.split(".")[1], "train" if split == "train" else "validation")
+  try:
+    records = builder.as_data_source(split=tfds_split)
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{field}: got {tfds_split!r}; allowed: a split of {name!r}: "
+                     f"{sorted(builder.info.splits)} (TFDS slicing such as 'train[:99%]' too): "
+                     f"{str(e).splitlines()[0][:200]}") from None
+  if len(records) == 0:
+    raise ValueError(f"{field}: got {tfds_split!r}, which has no examples; allowed: a non-empty "
+                     f"split of {name!r}: {sorted(builder.info.splits)}")
+  return grain.MapDataset.source(records).map(_Field(text_key))
+
+
+def _text_feature(builder, config) -> str:
+  """The name of the text feature of `builder`'s dataset (see `tfds_documents`)."""
+  import tensorflow_datasets as tfds
+
+  features = builder.info.features
+  described = {k: type(v).__name__ for k, v in features.items()}
+  texts = [k for k, v in features.items() if isinstance(v, tfds.features.Text)]
+  key = config.data.get("text_feature", "")
+  if key:
+    if key not in texts:
+      raise ValueError(f"data.text_feature: got {key!r}; allowed: a Text feature of "
+                       f"{builder.name!r}: {texts} (its features: {described})")
+    return key
+  if "text" in texts:
+    return "text"
+  if len(texts) == 1:
+    return texts[0]
+  if not texts:
+    raise ValueError(f"data.source: got {config.data.source!r}, a dataset without a text "
+                     f"feature (its features: {described}); allowed: a TFDS dataset with a "
+                     f"tfds.features.Text feature")
+  raise ValueError(f"data.text_feature: got ''; allowed: one of the Text features {texts} of "
+                   f"{builder.name!r} (it has several)")
+
+
+def _array_record_files(pattern: str, field: str) -> list[str]:
+  """Sorted files matching the glob `pattern`; raises ValueError naming `field` if none."""
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(p))
+  if not paths:
+    raise ValueError(f"{field}: got {pattern!r}, which matches no file; allowed: a glob of "
+                     f"ArrayRecord files, e.g. 'corpus/*.array_record'")
+  return paths
+
+
+def array_record_documents(config, split: str) -> grain.MapDataset:
+  """The documents of `split` in the ArrayRecord files of config.data.source='array_record:GLOB'.
+
+  Every record is one document (UTF-8 bytes). 'eval' reads config.data.eval_glob when set;
+  otherwise the records (in sorted-file order) are cut like the text source: 'eval' gets the
+  last ceil(eval_fraction * n) records and 'train' the rest.
+  """
+  pattern = source_argument(config, "array_record",
+                            "<glob>, e.g. 'array_record:data/*.array_record'")
+  eval_glob = config.data.get("eval_glob", "")
+  use_eval_glob = split == "eval" and eval_glob
+  paths = (_array_record_files(eval_glob, "data.eval_glob") if use_eval_glob
+           else _array_record_files(pattern, "data.source"))
+  try:
+    records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+  except Exception as e:   # array_record raises RuntimeError/OSError for unreadable files
+    raise ValueError(f"data.source: got {config.data.source!r}; the files {paths[:3]} are not "
+                     f"readable ArrayRecord files ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]})") from None
+  if use_eval_glob:
+    return records
+  fraction = config.data.get("eval_fraction", 0.1)
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+    raise ValueError(f"data.eval_fraction: got {fraction!r}; allowed: a number in (0, 1)")
+  n = len(records)
+  held_out = int(np.ceil(fraction * n))
+  if n - held_out < 1 or held_out < 1:
+    raise ValueError(f"data.source: got {config.data.source!r} with {n} record(s), too few to "
+                     f"hold out data.eval_fraction={fraction} for eval; allowed: more records, or "
+                     f"data.eval_glob")
+  return records[n - held_out:] if split == "eval" else records[:n - held_out]
