@@ -105,20 +105,27 @@ class MetricWriter:
   `purge_step` does), so neither has duplicate steps. With `resume_step=None`
   the file is appended to as it is.
 
-  Multi-host: create it on process 0 only.
+  Multi-host: every process makes one with `primary=(jax.process_index() == 0)`; the others
+  check what they are given but write nothing, so the files have one writer.
 
   Args:
     workdir: the run's directory; created if missing.
     resume_step: the step of the restored checkpoint, or None for a fresh run.
     tensorboard: also write TensorBoard events.
+    primary: False makes every method a no-op after checking its arguments.
   """
 
   def __init__(
-      self, workdir: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = True
+      self, workdir: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = True,
+      primary: bool = True,
   ):
     self.workdir = os.fspath(workdir)
-    os.makedirs(self.workdir, exist_ok=True)
     self.path = os.path.join(self.workdir, METRICS_FILE)
+    self.primary = primary
+    self._file = self._tb = None
+    if not primary:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
     self.tb_dir = os.path.join(self.workdir, TB_DIR)
     # Without a resume step this still drops a last line cut by a kill, which the next
     # record would otherwise be glued onto.
@@ -160,6 +167,8 @@ class MetricWriter:
             "than 'step' (the step is the first argument)"
         )
       record[name] = _to_json_value(name, value)
+    if not self.primary:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -183,7 +192,8 @@ class MetricWriter:
 
   def close(self) -> None:
     """Flushes and closes both outputs."""
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -194,7 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   else:
     start, state, extra = ckpt.restore(abstract_state=trainer.abstract_state())
     train_source.set_state(extra["data"])
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None)
+  # One writer of metrics and one progress bar per run: process 0 of a multi-host job.
+  primary = _primary_process()
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None,
+                                    primary=primary)
   # Every evaluation uses the same held-out batches, so eval losses compare across steps.
   host_eval_batches = [eval_source.next() for _ in range(t.eval_batches)]
   eval_batches = [trainer.put_batch(b) for b in host_eval_batches]
@@ -205,7 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if start == 0:
     writer.write(0, data_stats)
   tokens_per_step = t.batch_size * t.seq_len
-  bar = metrics_lib.ProgressBar(t.steps, start, disable=None if progress is None else not progress)
+  hide_bar = True if not primary else (None if progress is None else not progress)
+  bar = metrics_lib.ProgressBar(t.steps, start, disable=hide_bar)
   last, tokens_per_s, eval_out = {}, None, {}
   tic, timed_steps = time.perf_counter(), 0
   with checkpoint.PreemptionGuard() as guard:
@@ -249,6 +253,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "checkpoints": ckpt.directory, "metrics": writer.path,
              "stopped_early": final_step < t.steps}
   return {k: v for k, v in summary.items() if v is not None}
+
+
+def _primary_process() -> bool:
+  """Whether this is process 0, the one that writes metrics and shows the progress bar."""
+  return jax.process_index() == 0
 
 
 def _layer_mean(out: dict, name: str):

@@ -232,3 +232,14 @@ def test_format_summary():
       "metrics             /w/metrics.jsonl",
       "eval/loss - floor   0.2500",
   ]
+
+
+def test_non_primary_writer_checks_but_writes_nothing(tmp_path):
+  """On processes other than 0 of a multi-host run the writer touches no file, yet still rejects
+  bad values, so a bug shows on every host."""
+  w = MetricWriter(tmp_path / "run", primary=False)
+  w.write(1, {"train/loss": 1.0, "moe/layer_0/load": [0.5, 0.5]})
+  with pytest.raises(TypeError, match="train/loss"):
+    w.write(2, {"train/loss": "high"})
+  w.close()
+  assert not (tmp_path / "run").exists()

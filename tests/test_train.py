@@ -87,6 +87,17 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   assert read_metrics(os.path.join(resumed, "metrics.jsonl")) == lines_before
 
 
+def test_only_process_zero_writes_metrics(tmp_path, monkeypatch):
+  """A multi-host run has one metrics writer: a process other than 0 trains and checkpoints but
+  writes no metrics file and no TensorBoard events."""
+  import moejax.train
+  monkeypatch.setattr(moejax.train, "_primary_process", lambda: False)
+  summary = train_and_evaluate(tiny_config(), str(tmp_path), progress=True)
+  assert summary["step"] == 8 and np.isfinite(summary["eval/loss"])
+  assert not os.path.exists(tmp_path / "metrics.jsonl") and not os.path.exists(tmp_path / "tb")
+  assert os.listdir(tmp_path / "checkpoints")
+
+
 def test_one_device_equals_eight_devices():
   assert len(jax.devices()) == 8, "tests/conftest.py simulates 8 CPU devices"
   config = tiny_config()
