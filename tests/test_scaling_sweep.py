@@ -118,7 +118,7 @@ def test_fit_recovers_a_known_fine_grained_law(tmp_path):
   rows = [{k: 0 for k in sweep.COLUMNS} for _ in n]
   for i, row in enumerate(rows):
     row.update(name=f"r{i}", size=f"n{int(n[i])}", ffn=f"g{int(g[i])}", G=int(g[i]),
-               D=int(d[i]), N_active_nonemb=int(n[i]), C=6 * n[i] * d[i], loss=float(loss[i]),
+               D=int(d[i]), N_total_nonemb=int(n[i]), C=6 * n[i] * d[i], loss=float(loss[i]),
                bayes_loss=1.1, loss_floor=1.05)
     sweep.append_row(str(tmp_path / "sweep.csv"), row)
   assert sweep.main(["--fit_only", "--results_dir", str(tmp_path), "--bootstrap", "0"]) == 0

@@ -11,7 +11,8 @@ rows already there and resumes an interrupted run from its last checkpoint, so k
 sweep loses at most one checkpoint interval.
 
 The fine-grained law L(N, D, G) = c + (g/G^gamma + a)/N^alpha + b/D^beta is then fitted to the
-MoE rows with N = active non-embedding parameters and D = training tokens (Huber on log loss,
+MoE rows with N = total non-embedding parameters (as in Krajewski et al., whose runs fix the
+expansion rate, as this grid does: E = 8 at every G) and D = training tokens (Huber on log loss,
 `moejax.scaling.fit`), and `results/loss_vs_compute.png` plots eval loss against training FLOPs
 (the exact count of `moejax.scaling.accounting.flops_per_token`, causal attention) per
 granularity, with the dense runs for reference. The synthetic data's Bayes loss (the best any
@@ -84,7 +85,7 @@ GRIDS = {
     "default": Grid(
         sizes=(Size("d32L2", 32, 2, 64), Size("d48L3", 48, 3, 96), Size("d64L4", 64, 4, 128)),
         ffns=(DENSE, Ffn("moe8g1", 1), Ffn("moe8g2", 2), Ffn("moe8g4", 4)),
-        steps=(250, 500, 1000)),
+        steps=(250, 500, 1000, 2000)),
     # Seconds: for tests and for trying the script.
     "tiny": Grid(
         sizes=(Size("d32L1", 32, 1, 32),),
@@ -233,11 +234,12 @@ def read_results(results_path: str) -> dict[str, np.ndarray]:
 
 
 def fit_fine_grained(table: dict[str, np.ndarray], *, bootstrap: int = 100):
-  """Fits the fine-grained law to the MoE rows of `table` (N = active non-embedding parameters,
-  D = tokens, G = granularity); returns the FitResult."""
+  """Fits the fine-grained law to the MoE rows of `table` (N = total non-embedding parameters as
+  in Krajewski et al. 2024, arXiv:2402.07871, Sec. 5; D = tokens, G = granularity); returns the
+  FitResult."""
   from moejax.scaling import fit, get_law  # noqa: PLC0415
   moe = table["G"] > 0
-  data = {"N": table["N_active_nonemb"][moe], "D": table["D"][moe], "G": table["G"][moe],
+  data = {"N": table["N_total_nonemb"][moe], "D": table["D"][moe], "G": table["G"][moe],
           "loss": table["loss"][moe]}
   return fit(get_law("fine_grained"), data, bootstrap=bootstrap)
 
@@ -261,7 +263,7 @@ def plot_loss_vs_compute(table: dict[str, np.ndarray], result, path: str) -> Non
       c, loss = table["C"][rows][order], table["loss"][rows][order]
       ax0.plot(c, loss, "o-", color=colors[g], ms=4, lw=1, label=label if j == 0 else None)
       if g > 0:
-        pred = law.loss(params, N=table["N_active_nonemb"][rows][order],
+        pred = law.loss(params, N=table["N_total_nonemb"][rows][order],
                         D=table["D"][rows][order], G=np.full(rows.sum(), float(g)))
         ax0.plot(c, pred, "x", color=colors[g], ms=6)
         ax1.scatter(loss, pred, color=colors[g], s=14)
@@ -284,7 +286,7 @@ def summarize_fit(result, table: dict[str, np.ndarray]) -> dict:
   """JSON-ready fit summary: parameters, intervals, RMSE, and the Bayes loss to compare with c."""
   out = {"law": result.law.name, "formula": result.law.formula, "params": result.params,
          "rmse_log": result.rmse_log, "num_points": result.num_points,
-         "N": "active non-embedding parameters", "D": "training tokens",
+         "N": "total non-embedding parameters", "D": "training tokens",
          "bayes_loss": float(np.nanmean(table["bayes_loss"])),
          "loss_floor": float(np.nanmean(table["loss_floor"]))}
   if result.intervals:
