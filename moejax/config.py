@@ -82,6 +82,19 @@ def _get(cfg, path: str):
   return node
 
 
+def set_fields(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets dotted-name fields in place, e.g. {'model.moe.top_k': 1} (a dict or (name, value)
+  pairs; what `--config.model.moe.top_k=1` does on the command line); returns `config`. A
+  missing parent raises ConfigError naming it; a new leaf is added, as ConfigDict allows (e.g.
+  a key of model.moe.router_args)."""
+  items = overrides.items() if hasattr(overrides, "items") else overrides
+  for name, value in items:
+    *parents, leaf = name.split(".")
+    node = _get(config, ".".join(parents)) if parents else config
+    node[leaf] = value
+  return config
+
+
 # Router constructor arguments the layer supplies; the rest may come from model.moe.router_args.
 _LAYER_SUPPLIED_ROUTER_ARGS = {"self", "d_model", "num_experts", "top_k", "rngs", "param_dtype"}
 

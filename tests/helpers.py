@@ -2,18 +2,9 @@
 import importlib.util
 import os
 
+from moejax.config import set_fields  # noqa: F401  (tests import it from here)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def set_fields(config, overrides: dict):
-  """Sets dotted-name fields in place, e.g. {'model.moe.top_k': 1}; returns config."""
-  for name, value in overrides.items():
-    *parents, leaf = name.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def load_config(name: str = "default", **overrides):

@@ -41,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 import numpy as np  # noqa: E402
 
+from moejax.config import set_fields  # noqa: E402
 from moejax.scaling.accounting import flops_per_token, param_counts  # noqa: E402
 
 # Columns of the results file, in order. N_* count parameters (accounting.param_counts), D is
@@ -115,14 +116,6 @@ def grid_runs(grid: Grid) -> list[Run]:
   return sorted(runs, key=lambda r: (r.steps, r.size.d_model * r.size.num_layers))
 
 
-def _set(config, dotted: str, value) -> None:
-  *parents, leaf = dotted.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
 def run_config(run: Run, grid: Grid, gmm_backend: str = "blocked"):
   """The moejax config of `run`: configs/default.py with the run's shape, FFN and budget."""
   sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -131,8 +124,7 @@ def run_config(run: Run, grid: Grid, gmm_backend: str = "blocked"):
   finally:
     sys.path.pop(0)
   c = default.get_config()
-  s, f, m = run.size, run.ffn, None
-  m = c.model
+  s, f, m = run.size, run.ffn, c.model
   m.update(d_model=s.d_model, num_layers=s.num_layers, d_ff=s.d_ff, head_dim=16,
            num_heads=s.d_model // 16, num_kv_heads=s.d_model // 16)
   if f.granularity == 0:
@@ -144,9 +136,7 @@ def run_config(run: Run, grid: Grid, gmm_backend: str = "blocked"):
   t.update(steps=run.steps, warmup_steps=max(1, run.steps // 10), eval_every=run.steps,
            eval_batches=16, checkpoint_every=max(1, run.steps // 2), keep_checkpoints=1,
            log_every=max(1, run.steps // 5))
-  for dotted, value in grid.overrides:
-    _set(c, dotted, value)
-  return c
+  return set_fields(c, grid.overrides)
 
 
 def run_row(run: Run, config, summary: dict, wall_s: float) -> dict:
