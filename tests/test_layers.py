@@ -16,6 +16,7 @@ from flax import nnx
 
 from moejax.config import moe_dims
 from moejax.experts import MLP
+from moejax.kernels import GMM_BACKENDS
 from moejax.layers import MoELayer
 
 from helpers import load_config, set_fields
@@ -195,14 +196,32 @@ def _both_dispatch(layer):
   return gd_dropless, gd_capacity, state
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _forward_and_grads(gd_dropless, gd_capacity, state, x, cot):
-  """x [B, S, D] -> per dispatch mode: y, aux_loss, metrics, routing, grads of sum(y * cot)."""
+# The modes the oracle tests run: "dropless" (the default gmm backend, ragged_dot), "capacity",
+# and "dropless/<backend>" for every other grouped-matmul backend.
+MODES = ("dropless", "capacity") + tuple(
+    f"dropless/{b}" for b in GMM_BACKENDS if b != "ragged_dot")
+
+
+def _mode_graphdefs(layer):
+  """(((mode, graphdef), ...), state): the same weights under every mode of MODES."""
+  old = layer.dispatch, layer.experts.gmm_backend
+  graphdefs = []
+  for mode in MODES:
+    dispatch, _, backend = mode.partition("/")
+    layer.dispatch, layer.experts.gmm_backend = dispatch, backend or "ragged_dot"
+    graphdefs.append((mode, nnx.split(layer)[0]))
+  layer.dispatch, layer.experts.gmm_backend = old
+  return tuple(graphdefs), nnx.split(layer)[1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_and_grads(graphdefs, state, x, cot):
+  """x [B, S, D] -> per mode: y, aux_loss, metrics, routing, grads of sum(y * cot)."""
   def loss(state, x, gd):
     y, aux_loss, metrics = nnx.merge(gd, state)(x)
     return jnp.sum(y * cot), (y, aux_loss, metrics)
   out = {}
-  for name, gd in (("dropless", gd_dropless), ("capacity", gd_capacity)):
+  for name, gd in graphdefs:
     (_, (y, aux, metrics)), (g_state, g_x) = jax.value_and_grad(
         loss, argnums=(0, 1), has_aux=True)(state, x, gd)
     routing = nnx.merge(gd, state).route(x.reshape(-1, x.shape[-1]))
@@ -246,7 +265,7 @@ def oracle_case(request):
   oracle = Oracle(layer, model)
   x = np.asarray(jax.random.normal(jax.random.key(100 + seed), (b, s, model.d_model)))
   cot = np.asarray(jax.random.normal(jax.random.key(200 + seed), (b, s, model.d_model)))
-  out = _forward_and_grads(*_both_dispatch(layer), jnp.asarray(x), jnp.asarray(cot))
+  out = _forward_and_grads(*_mode_graphdefs(layer), jnp.asarray(x), jnp.asarray(cot))
   out = jax.tree.map(np.asarray, out)
   x2, cot2 = x.reshape(-1, model.d_model).astype(np.float64), cot.reshape(-1, model.d_model)
   y, idx, weights, margin = oracle(x2)
@@ -259,7 +278,7 @@ def _close(got, want, rtol=1e-4, atol=1e-5):
   np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * max(1.0, np.abs(want).max()))
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dispatch", MODES)
 def test_layer_matches_oracle_forward(oracle_case, dispatch):
   c = oracle_case
   out = c["out"][dispatch]
@@ -269,7 +288,7 @@ def test_layer_matches_oracle_forward(oracle_case, dispatch):
   assert float(out["metrics"]["dropped_frac"]) == 0.0
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dispatch", MODES)
 def test_layer_matches_oracle_gradients(oracle_case, dispatch):
   c = oracle_case
   out = c["out"][dispatch]
@@ -281,11 +300,11 @@ def test_layer_matches_oracle_gradients(oracle_case, dispatch):
       _close(got[name], want, atol=2e-5)
 
 
-def test_capacity_with_room_for_all_equals_dropless(oracle_case):
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "dropless"])
+def test_capacity_with_room_for_all_equals_dropless(oracle_case, mode):
   out = oracle_case["out"]
-  np.testing.assert_allclose(out["capacity"]["y"], out["dropless"]["y"], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out["capacity"]["g_x"], out["dropless"]["g_x"], rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(out[mode]["y"], out["dropless"]["y"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[mode]["g_x"], out["dropless"]["g_x"], rtol=1e-4, atol=1e-6)
 
 
 def test_empty_experts_get_zero_gradient(oracle_case):
@@ -293,7 +312,7 @@ def test_empty_experts_get_zero_gradient(oracle_case):
   empty = np.setdiff1d(np.arange(c["dims"].num_experts), c["idx"])
   if c["name"].endswith("empty_experts") or c["name"].endswith("empty"):
     assert empty.size > 0, "the case was meant to leave experts without tokens"
-  for dispatch in ("dropless", "capacity"):
+  for dispatch in MODES:
     out = c["out"][dispatch]
     np.testing.assert_array_equal(out["routing"].group_sizes[empty], 0)
     for name, g in _grad_dict(out["g_state"], False).items():

@@ -4,9 +4,16 @@ A backend is `gmm(lhs [M, K], rhs [E, K, N], group_sizes [E]) -> [M, N]`: rows o
 sorted by expert, the first group_sizes[0] rows use rhs[0], the next group_sizes[1] use rhs[1],
 and so on (the MegaBlocks formulation, "MegaBlocks: Efficient Sparse Training with Mixture-of-
 Experts", Gale et al. 2022, arXiv:2211.15841). Rows past sum(group_sizes) give zeros.
+
+- `ragged_dot`: `jax.lax.ragged_dot` (`reference.py`). On the CPU, and on the GPU with jax
+  0.11.2, it is lowered to a dense matmul over all E experts for every row (E times the FLOPs).
+- `blocked`: pure-JAX block-sparse tiles (`blocked.py`): rows padded per expert to a multiple of
+  a row tile, one batched matmul over tiles. Real FLOPs plus bounded padding on every platform.
 """
+from moejax.kernels.blocked import blocked_gmm
 from moejax.kernels.reference import ragged_dot_gmm
 
 GMM_BACKENDS = {
     "ragged_dot": ragged_dot_gmm,
+    "blocked": blocked_gmm,
 }
