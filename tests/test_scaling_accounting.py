@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 import jax
 
-from configs import default
+from helpers import load_config
 from moejax.config import ConfigError
 from moejax.model import Transformer
 from moejax.scaling.accounting import flops_per_token, param_counts
@@ -45,7 +45,7 @@ def _model_param_count(config) -> int:
 ])
 def test_total_matches_the_model(changes):
   """The count equals the parameters moejax.model actually creates (abstractly, no memory)."""
-  config = default.get_config()
+  config = load_config()
   for path, value in changes.items():
     node = config
     *parents, leaf = path.split(".")
@@ -56,7 +56,7 @@ def test_total_matches_the_model(changes):
 
 
 def test_active_counts_top_k_experts_only():
-  c = default.get_config()
+  c = load_config()
   m = c.model
   p = param_counts(c)
   expert = 3 * m.d_model * m.d_ff
@@ -66,7 +66,7 @@ def test_active_counts_top_k_experts_only():
 def test_exact_flops_match_kaplan_table_1():
   """Dense GeLU model, causal: Kaplan's forward count 2N + 2 n_layer n_ctx d_attn plus their
   de-embedding 2 d_model n_vocab (Table 1), written out independently here."""
-  c = default.get_config()
+  c = load_config()
   m = c.model
   m.moe_every, m.moe.expert_type, m.tie_embeddings = 0, "gelu", True
   d, layers, ff, ctx, vocab = m.d_model, m.num_layers, m.d_ff, 128, m.vocab_size
@@ -79,7 +79,7 @@ def test_exact_flops_match_kaplan_table_1():
 
 
 def test_moe_flops_scale_with_active_not_total_experts():
-  c = default.get_config()
+  c = load_config()
   f8 = flops_per_token(c)
   c.model.moe.num_experts = 64
   f64 = flops_per_token(c)
@@ -88,11 +88,11 @@ def test_moe_flops_scale_with_active_not_total_experts():
 
 
 def test_errors_name_field_value_and_allowed():
-  c = default.get_config()
+  c = load_config()
   c.model.moe.expert_type = "relu"
   with pytest.raises(ConfigError, match=r"model\.moe\.expert_type.*'relu'.*swiglu"):
     param_counts(c)
-  c = default.get_config()
+  c = load_config()
   c.model.moe.granularity = 3
   with pytest.raises(ConfigError, match=r"model\.moe\.granularity.*3.*divisor"):
     param_counts(c)
