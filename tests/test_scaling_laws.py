@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from moejax.scaling import LAWS, fit, get_law, make_law
+from moejax.scaling import LAWS, FixedParams, fit, get_law, make_law
 from moejax.scaling.laws import clark_expert_transform
 from moejax.scaling.optimal import optimal_allocation
 from moejax.scaling.published import CLARK_ROUTERS, clark_final_points
@@ -201,3 +201,32 @@ def test_clark_table3_is_base10_and_fits_the_shipped_data(router):
       assert rmse_law == pytest.approx(rmse, rel=1e-9)
     else:
       assert rmse > 0.5, (router, rmse)
+
+
+def test_diverged_raw_parameters_map_to_inf_not_an_error():
+  """A bootstrap resample can run a log-parameter off to ~1e3 (the direction is unidentified);
+  its paper parameter is then inf, so percentile intervals read as unbounded instead of the
+  whole fit crashing (seen in the sweep's fine-grained fit)."""
+  p = get_law("fine_grained").to_params([0.0, 0.1, 800.0, 0.1, 0.0, 0.5, 0.0])
+  assert p["b"] == math.inf and p["a"] == 1.0 and p["c"] == 1.0
+
+
+def test_fixed_params_hold_a_known_term_and_fit_the_rest():
+  """Chinchilla with E held at its true value: the other four come back from noisy points, E
+  stays put, and the wrapper's loss equals the base law's at the full parameters."""
+  base = get_law("chinchilla")
+  truth = dict(CASES["chinchilla"][0])
+  law = FixedParams(base, E=truth["E"])
+  assert set(law.param_names) == {"A", "B", "alpha", "beta"}
+  variables = CASES["chinchilla"][1]
+  free = {k: v for k, v in truth.items() if k != "E"}
+  np.testing.assert_allclose(law.loss(free, **variables), base.loss(truth, **variables),
+                             rtol=1e-12)
+  rng = np.random.default_rng(1)
+  loss = base.loss(truth, **variables) * np.exp(NOISE * rng.standard_normal(len(variables["N"])))
+  r = fit(law, {**variables, "loss": loss}, loss="squares")
+  assert set(r.params) == set(free)
+  for k in ("alpha", "beta"):
+    assert r.params[k] == pytest.approx(truth[k], rel=0.05)
+  with pytest.raises(ValueError, match="not allowed for law 'chinchilla'"):
+    FixedParams(base, Z=1.0)

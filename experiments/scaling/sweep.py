@@ -223,15 +223,17 @@ def read_results(results_path: str) -> dict[str, np.ndarray]:
   return read_csv(results_path)
 
 
-def fit_fine_grained(table: dict[str, np.ndarray], *, bootstrap: int = 100):
+def fit_fine_grained(table: dict[str, np.ndarray], *, bootstrap: int = 100,
+                     c: float | None = None):
   """Fits the fine-grained law to the MoE rows of `table` (N = total non-embedding parameters as
-  in Krajewski et al. 2024, arXiv:2402.07871, Sec. 5; D = tokens, G = granularity); returns the
-  FitResult."""
-  from moejax.scaling import fit, get_law  # noqa: PLC0415
+  in Krajewski et al. 2024, arXiv:2402.07871, Sec. 5; D = tokens, G = granularity), with the
+  irreducible term c free or held at `c`; returns the FitResult."""
+  from moejax.scaling import FixedParams, fit, get_law  # noqa: PLC0415
   moe = table["G"] > 0
   data = {"N": table["N_total_nonemb"][moe], "D": table["D"][moe], "G": table["G"][moe],
           "loss": table["loss"][moe]}
-  return fit(get_law("fine_grained"), data, bootstrap=bootstrap)
+  law = get_law("fine_grained") if c is None else FixedParams(get_law("fine_grained"), c=c)
+  return fit(law, data, bootstrap=bootstrap)
 
 
 def plot_loss_vs_compute(table: dict[str, np.ndarray], result, path: str) -> None:
@@ -272,15 +274,21 @@ def plot_loss_vs_compute(table: dict[str, np.ndarray], result, path: str) -> Non
   plt.close(fig)
 
 
-def summarize_fit(result, table: dict[str, np.ndarray]) -> dict:
-  """JSON-ready fit summary: parameters, intervals, RMSE, and the Bayes loss to compare with c."""
+def summarize_fit(result, table: dict[str, np.ndarray], fixed=None) -> dict:
+  """JSON-ready fit summary: parameters, intervals and RMSE of `result` (c free), the same law
+  fitted with c held at the data's Bayes loss (`fixed`, optional), and the data's Bayes loss and
+  entropy-rate floor, against which the fitted c can be checked."""
   out = {"law": result.law.name, "formula": result.law.formula, "params": result.params,
-         "rmse_log": result.rmse_log, "num_points": result.num_points,
+         "rmse_log": result.rmse_log, "objective": result.objective,
+         "num_points": result.num_points,
          "N": "total non-embedding parameters", "D": "training tokens",
          "bayes_loss": float(np.nanmean(table["bayes_loss"])),
          "loss_floor": float(np.nanmean(table["loss_floor"]))}
   if result.intervals:
     out["intervals_95"] = {k: list(v) for k, v in result.intervals.items()}
+  if fixed is not None:
+    out["c_fixed_at_bayes_loss"] = {"params": fixed.params, "rmse_log": fixed.rmse_log,
+                                    "objective": fixed.objective}
   return out
 
 
@@ -320,7 +328,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     print("fewer than 8 MoE runs in the results: not fitting")
     return 0
   result = fit_fine_grained(table, bootstrap=args.bootstrap)
-  summary = summarize_fit(result, table)
+  fixed = fit_fine_grained(table, bootstrap=0, c=float(np.nanmean(table["bayes_loss"])))
+  summary = summarize_fit(result, table, fixed)
   with open(os.path.join(args.results_dir, "fine_grained_fit.json"), "w") as f:
     json.dump(summary, f, indent=1)
   plot_loss_vs_compute(table, result, os.path.join(args.results_dir, "loss_vs_compute.png"))
@@ -329,7 +338,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     lo, hi = (result.intervals or {}).get(k, (math.nan, math.nan))
     print(f"{k:>6s} {v:10.4g}  [{lo:.4g}, {hi:.4g}]")
   print(f"RMSE(ln L) {result.rmse_log:.4f} over {result.num_points} MoE runs; Bayes loss "
-        f"{summary['bayes_loss']:.4f} vs fitted c {result.params['c']:.4f}")
+        f"{summary['bayes_loss']:.4f} vs fitted c {result.params['c']:.4f}; with c held at the "
+        f"Bayes loss, RMSE(ln L) {fixed.rmse_log:.4f}")
   print(json.dumps(summary["params"]))
   return 0
 

@@ -34,6 +34,12 @@ def get_law(name: str) -> "Law":
   return LAWS[name]
 
 
+def _exp(x: float) -> float:
+  """exp(x) of a raw log-parameter; inf past float64's range (a diverged bootstrap fit) rather
+  than OverflowError, so intervals can say "unbounded"."""
+  return math.inf if x > 709.0 else math.exp(x)
+
+
 def _lse(*terms):
   shape = jnp.broadcast_shapes(*(jnp.shape(t) for t in terms))
   return jax.nn.logsumexp(jnp.stack([jnp.broadcast_to(t, shape) for t in terms]), axis=0)
@@ -107,7 +113,7 @@ class Kaplan(Law):
 
   def to_params(self, raw):
     r = [float(x) for x in np.asarray(raw, np.float64)]
-    return {"N_c": math.exp(r[0]), "D_c": math.exp(r[1]), "alpha_N": r[2], "alpha_D": r[3]}
+    return {"N_c": _exp(r[0]), "D_c": _exp(r[1]), "alpha_N": r[2], "alpha_D": r[3]}
 
   def to_raw(self, params):
     self.check_params(params)
@@ -145,7 +151,7 @@ class Chinchilla(Law):
 
   def to_params(self, raw):
     r = [float(x) for x in np.asarray(raw, np.float64)]
-    return {"E": math.exp(r[0]), "A": math.exp(r[1]), "B": math.exp(r[2]), "alpha": r[3],
+    return {"E": _exp(r[0]), "A": _exp(r[1]), "B": _exp(r[2]), "alpha": r[3],
             "beta": r[4]}
 
   def to_raw(self, params):
@@ -187,8 +193,8 @@ class FineGrained(Law):
 
   def to_params(self, raw):
     r = [float(x) for x in np.asarray(raw, np.float64)]
-    return {"a": math.exp(r[0]), "alpha": r[1], "b": math.exp(r[2]), "beta": r[3],
-            "g": math.exp(r[4]), "gamma": r[5], "c": math.exp(r[6])}
+    return {"a": _exp(r[0]), "alpha": r[1], "b": _exp(r[2]), "beta": r[3],
+            "g": _exp(r[4]), "gamma": r[5], "c": _exp(r[6])}
 
   def to_raw(self, params):
     self.check_params(params)
@@ -255,9 +261,9 @@ class Clark(Law):
 
   def to_params(self, raw):
     r = [float(x) for x in np.asarray(raw, np.float64)]
-    e_start = 1.0 + math.exp(r[4])
+    e_start = 1.0 + _exp(r[4])
     return {"a": r[0], "b": r[1], "c": r[2], "d": r[3], "E_start": e_start,
-            "E_max": e_start + math.exp(r[5])}
+            "E_max": e_start + _exp(r[5])}
 
   def to_raw(self, params):
     self.check_params(params)
@@ -342,11 +348,11 @@ class JointMoE(Law):
 
   def to_params(self, raw):
     r = [float(x) for x in np.asarray(raw, np.float64)]
-    out = {"a": math.exp(r[0]), "alpha": r[1], "gamma": r[2], "delta": r[3], "b": math.exp(r[4]),
-           "beta": r[5], "zeta": r[6], "omega": r[7], "c": math.exp(r[8])}
+    out = {"a": _exp(r[0]), "alpha": r[1], "gamma": r[2], "delta": r[3], "b": _exp(r[4]),
+           "beta": r[5], "zeta": r[6], "omega": r[7], "c": _exp(r[8])}
     if self.fit_expert_transform:
-      out["E_start"] = 1.0 + math.exp(r[9])
-      out["E_max"] = out["E_start"] + math.exp(r[10])
+      out["E_start"] = 1.0 + _exp(r[9])
+      out["E_max"] = out["E_start"] + _exp(r[10])
     return out
 
   def to_raw(self, params):
@@ -373,6 +379,60 @@ class JointMoE(Law):
       le = jnp.log(clark_expert_transform(jnp.exp(logx["E"]), self.e_start, self.e_max))
     return _lse(log_a + delta * le + (alpha + gamma * le) * logx["N"],
                 log_b + omega * le + (beta + zeta * le) * logx["D"], log_c)
+
+
+class FixedParams(Law):
+  """`law` with some paper parameters held at given values; the fit moves the others.
+
+  For a term known independently of the fit, e.g. the irreducible loss E of Chinchilla or c of
+  the fine-grained law when the data's entropy is known (Hoffmann et al. 2022, arXiv:2203.15556,
+  Sec. 3.3 discuss E as the entropy of natural text). Each fixed parameter must map to one raw
+  coordinate (the raw vector lists the parameters in the same order, as every registered law
+  does for its own parameters). `params`, `to_params` and `to_raw` speak of the free parameters
+  only; `fixed` holds the others.
+  """
+
+  def __init__(self, law: Law, **fixed: float):
+    bad = [k for k in fixed if k not in law.param_names]
+    if bad or not fixed:
+      raise ValueError(f"fixed parameters {sorted(fixed)} are not allowed for law {law.name!r}: "
+                       f"expected a non-empty subset of {list(law.param_names)}")
+    if len(law.param_names) != len(law.raw_names):
+      raise ValueError(f"law {law.name!r} has {len(law.raw_names)} raw coordinates for "
+                       f"{len(law.param_names)} parameters: fixing parameters needs one each")
+    self.base, self.fixed = law, {k: float(v) for k, v in fixed.items()}
+    fixed_idx = [law.param_names.index(k) for k in fixed]
+    self._free_idx = np.array([i for i in range(len(law.raw_names)) if i not in fixed_idx])
+    full = {**law.to_params(law.start_grid()[0]), **self.fixed}
+    self._fixed_idx = np.array(fixed_idx)
+    self._fixed_raw = law.to_raw(full)[self._fixed_idx]
+    self.name = law.name
+    self.variables = law.variables
+    self.param_names = tuple(law.param_names[i] for i in self._free_idx)
+    self.raw_names = tuple(law.raw_names[i] for i in self._free_idx)
+    self.start_values = {k: law.start_values[k] for k in self.raw_names}
+    self.formula = law.formula + " with " + ", ".join(f"{k} = {v:g}" for k, v in fixed.items())
+    self.paper, self.arxiv = law.paper, law.arxiv
+
+  def _full(self, raw):
+    """Free raw [P_free] -> the base law's raw [P] (numpy or jax; no scatter, so it traces the
+    same in float32 and float64)."""
+    xp = np if isinstance(raw, np.ndarray) else jnp
+    free = {int(i): j for j, i in enumerate(self._free_idx)}
+    fixed = {int(i): float(v) for i, v in zip(self._fixed_idx, self._fixed_raw)}
+    return xp.stack([raw[free[i]] if i in free else xp.asarray(fixed[i], raw.dtype)
+                     for i in range(len(self.base.raw_names))])
+
+  def to_params(self, raw):
+    p = self.base.to_params(self._full(np.asarray(raw, np.float64)))
+    return {k: p[k] for k in self.param_names}
+
+  def to_raw(self, params):
+    self.check_params(params)
+    return self.base.to_raw({**params, **self.fixed})[self._free_idx]
+
+  def log_loss(self, raw, logx):
+    return self.base.log_loss(self._full(raw), logx)
 
 
 def make_law(name: str, **kwargs) -> Law:
