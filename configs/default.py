@@ -1,4 +1,4 @@
-"""Default config: a small MoE LM that trains on 2 CPU cores in about five minutes.
+"""Default config: a small MoE LM that trains on 2 CPU cores in about two minutes.
 
 About 0.9M parameters (0.4M active per token), 1,024 tokens per step, 1,500 steps: the eval loss
 falls from ln(128) = 4.85 to within ~0.15 nats of the data's entropy-rate floor (~1.09).
@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   moe.dispatch = "dropless"
   moe.capacity_factor = 1.25
   moe.group_size = 64      # tokens routed together under capacity dispatch (one sequence)
-  moe.gmm_backend = "ragged_dot"
+  moe.gmm_backend = "blocked"  # padded row tiles; "ragged_dot": jax.lax.ragged_dot (moejax/kernels)
   moe.lb_loss_weight = 0.01
   moe.z_loss_weight = 0.001
 

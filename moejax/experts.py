@@ -65,7 +65,7 @@ class ExpertBank(nnx.Module):
   (GShard, arXiv:2006.16668), so the expert axis can be sharded over the mesh."""
 
   def __init__(self, num_experts: int, d_model: int, width: int, ffn_type: str, *,
-               rngs: nnx.Rngs, gmm_backend: str = "ragged_dot", dtype=jnp.float32,
+               rngs: nnx.Rngs, gmm_backend: str = "blocked", dtype=jnp.float32,
                param_dtype=jnp.float32):
     self.ffn_type, self.dtype, self.gmm_backend = ffn_type, dtype, gmm_backend
     _, in_names = FFN_FORMS[ffn_type]
