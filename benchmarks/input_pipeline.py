@@ -18,7 +18,6 @@ counts) and their ratio: a ratio well above 1 means the input keeps up with trai
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -32,18 +31,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moejax.config import load_config_file  # noqa: E402
 from moejax import data  # noqa: E402
 from moejax.data import tfds_builder, train_tokenizer  # noqa: E402
 from moejax.train import Trainer  # noqa: E402
 
 
 def load_default_config():
-  """configs/default.py's `get_config()`, loaded by path (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("moejax_default_config",
-                                                os.path.join(REPO, "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/default.py's `get_config()`."""
+  return load_config_file(os.path.join(REPO, "configs", "default.py"))
 
 
 def write_corpus(folder: str, num_docs: int, seed: int = 0) -> None:

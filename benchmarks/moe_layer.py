@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from moejax.config import load_config_file  # noqa: E402
 from moejax.config import moe_dims  # noqa: E402
 from moejax.experts import MLP  # noqa: E402
 from moejax.kernels import GMM_BACKENDS  # noqa: E402
@@ -55,12 +55,8 @@ SHAPES = {
 
 
 def load_default_config():
-  """configs/default.py's `get_config()`, loaded by path (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("moejax_default_config",
-                                                os.path.join(REPO, "configs", "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """configs/default.py's `get_config()`."""
+  return load_config_file(os.path.join(REPO, "configs", "default.py"))
 
 
 def model_config(d_model: int, d_ff: int, num_experts: int, top_k: int, granularity: int,

@@ -82,6 +82,20 @@ def _get(cfg, path: str):
   return node
 
 
+def load_config_file(path: str, overrides=()) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path` (e.g. configs/default.py; configs/ is not a
+  package), with dotted-name `overrides` applied by `set_fields`."""
+  import importlib.util  # noqa: PLC0415
+  import os  # noqa: PLC0415
+  name = "moejax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r}: no such file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return set_fields(module.get_config(), overrides)
+
+
 def set_fields(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
   """Sets dotted-name fields in place, e.g. {'model.moe.top_k': 1} (a dict or (name, value)
   pairs; what `--config.model.moe.top_k=1` does on the command line); returns `config`. A

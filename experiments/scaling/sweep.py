@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 import numpy as np  # noqa: E402
 
-from moejax.config import set_fields  # noqa: E402
+from moejax.config import load_config_file, set_fields  # noqa: E402
 from moejax.scaling.accounting import flops_per_token, param_counts  # noqa: E402
 
 # Columns of the results file, in order. N_* count parameters (accounting.param_counts), D is
@@ -118,12 +118,7 @@ def grid_runs(grid: Grid) -> list[Run]:
 
 def run_config(run: Run, grid: Grid, gmm_backend: str = "blocked"):
   """The moejax config of `run`: configs/default.py with the run's shape, FFN and budget."""
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  try:
-    import default  # noqa: PLC0415  (configs/default.py)
-  finally:
-    sys.path.pop(0)
-  c = default.get_config()
+  c = load_config_file(os.path.join(ROOT, "configs", "default.py"))
   s, f, m = run.size, run.ffn, c.model
   m.update(d_model=s.d_model, num_layers=s.num_layers, d_ff=s.d_ff, head_dim=16,
            num_heads=s.d_model // 16, num_kv_heads=s.d_model // 16)

@@ -4,6 +4,8 @@ A source is a pure function `batch(index) -> dict` of (its config, its split, th
 stream state is therefore one integer, and resuming is setting it: batches after `set_state`
 equal those of an uninterrupted run by construction, whatever happened before.
 """
+import glob
+import os
 from typing import Any
 
 import numpy as np
@@ -89,3 +91,13 @@ class IndexedSource:
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
       raise ValueError(f"data state: got {state!r}; allowed: {{'index': an integer >= 0}}")
     self._index = int(index)
+
+
+def match_files(pattern: str, field: str, allowed: str) -> list[str]:
+  """Sorted regular files matching the glob `pattern` (`**` recursive, `~` expanded); raises
+  ValueError naming `field` and what is `allowed` when none match."""
+  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                 if os.path.isfile(p))
+  if not paths:
+    raise ValueError(f"{field}: got {pattern!r}, which matches no file; allowed: {allowed}")
+  return paths

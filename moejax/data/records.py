@@ -10,11 +10,12 @@ document), checked before anything is compiled:
 """
 from __future__ import annotations
 
-import glob
 import os
 
 import grain   # the `data` extra: this module is imported only by the Grain sources
 import numpy as np
+
+from moejax.data import base
 
 # moejax split -> the config field naming the TFDS split it reads.
 TFDS_SPLIT_FIELDS = {"train": "data.train_split", "eval": "data.eval_split"}
@@ -129,12 +130,8 @@ def _text_feature(builder, config) -> str:
 
 def _array_record_files(pattern: str, field: str) -> list[str]:
   """Sorted files matching the glob `pattern`; raises ValueError naming `field` if none."""
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(p))
-  if not paths:
-    raise ValueError(f"{field}: got {pattern!r}, which matches no file; allowed: a glob of "
-                     f"ArrayRecord files, e.g. 'corpus/*.array_record'")
-  return paths
+  return base.match_files(pattern, field,
+                          "a glob of ArrayRecord files, e.g. 'corpus/*.array_record'")
 
 
 def array_record_documents(config, split: str) -> grain.MapDataset:

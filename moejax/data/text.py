@@ -14,8 +14,6 @@ Segments. In a row, segment_ids count the document pieces from 1 and positions c
 within each piece (a continued document restarts at 0 in its new row: the model attends within
 a row only). There is no padding, so every segment id is >= 1.
 """
-import glob
-import os
 
 import numpy as np
 
@@ -121,9 +119,5 @@ def text_files(pattern: str) -> list[str]:
   if not isinstance(pattern, str) or not pattern:
     raise ValueError(f"data.text_glob: got {pattern!r}; allowed: a glob matching local text "
                      f"files, e.g. 'corpus/*.txt' (required for data.source='text')")
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(p))
-  if not paths:
-    raise ValueError(f"data.text_glob: got {pattern!r}, which matches no file; allowed: a glob "
-                     f"matching local text files, e.g. 'corpus/*.txt'")
-  return paths
+  return base.match_files(pattern, "data.text_glob",
+                          "a glob matching local text files, e.g. 'corpus/*.txt'")

@@ -14,11 +14,12 @@ model type, BPE (Sennrich et al. 2016, arXiv:1508.07909) the alternative.
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
 import json
 import os
 from typing import Iterator
+
+from moejax.data import base
 
 JSON_LINES = (".jsonl", ".jsonl.gz", ".json.gz")
 
@@ -26,12 +27,8 @@ JSON_LINES = (".jsonl", ".jsonl.gz", ".json.gz")
 def input_files(pattern: str) -> list[str]:
   """Sorted files matching the glob `pattern` (`**` recursive); ValueError naming --input if none
   match."""
-  paths = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(p))
-  if not paths:
-    raise ValueError(f"--input: got {pattern!r}, which matches no file; allowed: a glob of "
-                     f"local text files, e.g. 'corpus/**/*.txt'")
-  return paths
+  return base.match_files(pattern, "--input",
+                          "a glob of local text files, e.g. 'corpus/**/*.txt'")
 
 
 def sentences(paths: list[str]) -> Iterator[str]:
