@@ -101,3 +101,15 @@ def match_files(pattern: str, field: str, allowed: str) -> list[str]:
   if not paths:
     raise ValueError(f"{field}: got {pattern!r}, which matches no file; allowed: {allowed}")
   return paths
+
+
+def existing_path(value: Any, field: str, kind: str, allowed: str, required_for: str) -> str:
+  """`value` with `~` expanded, if it names an existing `kind` ("file" or "directory"); else
+  raises ValueError naming `field`, the value and what is `allowed` (`required_for` says why an
+  empty value is not enough)."""
+  if not isinstance(value, str) or not value:
+    raise ValueError(f"{field}: got {value!r}; allowed: {allowed} ({required_for})")
+  path = os.path.expanduser(value)
+  if not (os.path.isfile if kind == "file" else os.path.isdir)(path):
+    raise ValueError(f"{field}: got {path!r}, which is not a {kind}; allowed: {allowed}")
+  return path

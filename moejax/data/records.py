@@ -54,15 +54,11 @@ def tfds_documents(config, split: str) -> grain.MapDataset:
   import tensorflow_datasets as tfds   # the `data` extra
 
   name = source_argument(config, "tfds", "<name>[/<config>][:<version>], e.g. 'tfds:c4/en'")
-  data_dir = config.data.get("tfds_data_dir", "")
-  if not isinstance(data_dir, str) or not data_dir:
-    raise ValueError(f"data.tfds_data_dir: got {data_dir!r}; allowed: the directory that "
-                     f"`tfds build --data_dir=DIR --file_format=array_record` prepared "
-                     f"{name!r} in (required for data.source={config.data.source!r})")
-  data_dir = os.path.expanduser(data_dir)
-  if not os.path.isdir(data_dir):
-    raise ValueError(f"data.tfds_data_dir: got {data_dir!r}, which is not a directory; allowed: "
-                     f"a directory of TFDS datasets prepared with `tfds build`")
+  data_dir = base.existing_path(
+      config.data.get("tfds_data_dir", ""), "data.tfds_data_dir", "directory",
+      f"the directory of TFDS datasets that `tfds build --data_dir=DIR "
+      f"--file_format=array_record` prepared {name!r} in",
+      f"required for data.source={config.data.source!r}")
   dataset = name.split("/")[0].split(":")[0]
   present = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d))
                    and not d.startswith(("downloads", ".")))

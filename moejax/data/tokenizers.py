@@ -13,11 +13,11 @@ arXiv:1808.06226), e.g. one trained with `python -m moejax.data.train_tokenizer`
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import numpy as np
 
+from moejax.data import base
 from moejax.data.text import BYTE_VOCAB
 
 
@@ -85,15 +85,11 @@ class SentencePieceTokenizer:
   @classmethod
   def from_config(cls, config) -> "SentencePieceTokenizer":
     """Loads config.data.tokenizer_model (a SentencePiece `.model` file)."""
-    path = config.data.get("tokenizer_model", "")
-    if not isinstance(path, str) or not path:
-      raise ValueError(f"data.tokenizer_model: got {path!r}; allowed: the path of a SentencePiece "
-                       f"model file (required for data.tokenizer='sentencepiece'; train one with "
-                       f"python -m moejax.data.train_tokenizer)")
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-      raise ValueError(f"data.tokenizer_model: got {path!r}, which is not a file; allowed: the "
-                       f"path of a SentencePiece model file")
+    path = base.existing_path(
+        config.data.get("tokenizer_model", ""), "data.tokenizer_model", "file",
+        "the path of a SentencePiece model file",
+        "required for data.tokenizer='sentencepiece'; train one with "
+        "python -m moejax.data.train_tokenizer")
     try:
       return cls(path)
     except (OSError, RuntimeError) as e:
