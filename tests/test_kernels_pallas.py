@@ -1,0 +1,185 @@
+"""Tests for the Pallas grouped matmul (moejax.kernels.gmm) and the pure-JAX `chunked` backend,
+both kernels (`visits`, the TPU one, and `tiles`, the GPU one) run in the Pallas interpreter on
+the CPU, against a float64 numpy per-group loop and against `jax.lax.ragged_dot`
+(MegaBlocks' grouped GEMM, arXiv:2211.15841).
+
+Shapes are tiny (M=13 rows, K=3, N=5, G=5 groups) and the group sizes are traced, so each
+kernel and tiling compiles once. Tilings: (4, 2, 2) splits M, K and N into several blocks that
+none of them divides, so tiles straddle group boundaries and every padding path runs; None is
+the default (one block per dimension at these sizes).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from moejax.kernels import GMM_BACKENDS, chunked_gmm, pallas_gmm
+from moejax.kernels.gmm import _visit_plan, default_tiling, gmm, tgmm
+
+M, K, N, G = 13, 3, 5, 5
+
+
+def _oracle(lhs, rhs, group_sizes, cot):
+  """Float64 loop: out [M, N], d lhs [M, K], d rhs [G, K, N] of sum(out * cot)."""
+  lhs, rhs, cot = (np.asarray(a, np.float64) for a in (lhs, rhs, cot))
+  m = lhs.shape[0]
+  out, d_lhs, d_rhs = np.zeros((m, rhs.shape[2])), np.zeros_like(lhs), np.zeros_like(rhs)
+  start = 0
+  for g, size in enumerate(np.asarray(group_sizes)):
+    rows = slice(start, min(start + int(size), m))
+    out[rows] = lhs[rows] @ rhs[g]
+    d_lhs[rows] = cot[rows] @ rhs[g].T
+    d_rhs[g] = lhs[rows].T @ cot[rows]
+    start = rows.stop
+  return out, d_lhs, d_rhs
+
+
+def _fn(kernel, tiling):
+  if kernel == "chunked":
+    tm, tmin = tiling or (None, None)
+    return functools.partial(chunked_gmm, tm=tm, tmin=tmin)
+  return functools.partial(gmm, kernel=kernel, tiling=tiling, interpret=True)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "tiling"))
+def _value_and_grads(lhs, rhs, group_sizes, cot, *, kernel, tiling=None):
+  """(out, d lhs, d rhs) of sum(gmm(lhs, rhs, group_sizes) * cot)."""
+  def loss(l, r):
+    out = _fn(kernel, tiling)(l, r, group_sizes)
+    return jnp.sum(out.astype(jnp.float32) * cot), out
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs)
+  return (out, *grads)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "tiling"))
+def _ragged_dot_value_and_grads(lhs, rhs, group_sizes, cot, *, kernel=None, tiling=None):
+  del kernel, tiling
+  def loss(l, r):
+    out = jax.lax.ragged_dot(l, r, group_sizes, preferred_element_type=jnp.float32)
+    return jnp.sum(out * cot), out.astype(l.dtype)
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(lhs, rhs)
+  return (out, *grads)
+
+
+def _inputs(seed, m=M, g=G, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((m, K)), dtype),
+          jnp.asarray(rng.standard_normal((g, K, N)), dtype),
+          jnp.asarray(rng.standard_normal((m, N)), jnp.float32))
+
+
+def _close(got, want, rtol=1e-5, atol=1e-6):
+  want = np.asarray(want, np.float64)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol,
+                             atol=atol * max(1.0, np.abs(want).max()))
+
+
+CASES = [
+    ("empty_groups", [4, 0, 6, 0, 3]),
+    ("all_rows_in_one_group", [0, 0, 13, 0, 0]),
+    ("sum_below_m", [2, 0, 5, 1, 0]),
+    ("all_empty", [0, 0, 0, 0, 0]),
+    ("one_row_each", [1, 1, 1, 1, 1]),
+    ("sum_above_m_is_cut", [5, 6, 7, 0, 2]),
+]
+# (kernel, tiling): both Pallas kernels at the default and at blocks dividing nothing; chunked
+# at its default and at (tm, tmin) = (4, 2) and (8, 1), which run every chunk path.
+KERNELS = [("visits", None), ("visits", (4, 2, 2)), ("tiles", None), ("tiles", (4, 2, 2)),
+           ("chunked", None), ("chunked", (4, 2)), ("chunked", (8, 1))]
+KERNEL_IDS = [f"{k}-{'x'.join(map(str, t)) if t else 'default'}" for k, t in KERNELS]
+
+
+@pytest.mark.parametrize("kernel, tiling", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name, sizes", CASES, ids=[c[0] for c in CASES])
+def test_gmm_vjp_matches_float64_and_ragged_dot(name, sizes, kernel, tiling):
+  lhs, rhs, cot = _inputs(CASES.index((name, sizes)))
+  sizes = jnp.asarray(sizes, jnp.int32)
+  got = _value_and_grads(lhs, rhs, sizes, cot, kernel=kernel, tiling=tiling)
+  ref = _ragged_dot_value_and_grads(lhs, rhs, sizes, cot)
+  want = _oracle(lhs, rhs, sizes, cot)
+  assert [a.shape for a in got] == [(M, N), (M, K), (G, K, N)]
+  for g, r, w in zip(got, ref, want):
+    _close(g, w)
+    _close(g, r)
+  used = min(int(sizes.sum()), M)
+  np.testing.assert_array_equal(got[0][used:], 0.0)        # rows past the groups: zeros
+  np.testing.assert_array_equal(got[1][used:], 0.0)
+  np.testing.assert_array_equal(got[2][np.asarray(sizes) == 0], 0.0)
+
+
+@st.composite
+def _group_sizes(draw, m=M, g=G):
+  """G group sizes with sum <= m, skewed: cut points of a random total."""
+  total = draw(st.integers(0, m))
+  cuts = sorted(draw(st.lists(st.integers(0, total), min_size=g - 1, max_size=g - 1)))
+  return np.diff([0, *cuts, total]).astype(np.int32)
+
+
+@settings(max_examples=8, deadline=None)
+@given(sizes=_group_sizes(), kernel=st.sampled_from(["visits", "tiles", "chunked"]),
+       seed=st.integers(0, 2**16))
+def test_gmm_property_random_group_sizes(sizes, kernel, seed):
+  lhs, rhs, cot = _inputs(seed)
+  tiling = (4, 2) if kernel == "chunked" else (4, 2, 2)
+  got = _value_and_grads(lhs, rhs, jnp.asarray(sizes), cot, kernel=kernel, tiling=tiling)
+  for g, w in zip(got, _oracle(lhs, rhs, sizes, cot)):
+    _close(g, w)
+
+
+@pytest.mark.parametrize("kernel", ["visits", "tiles"])
+def test_tgmm_matches_float64(kernel):
+  lhs, _, dy = _inputs(11)
+  sizes = jnp.asarray([3, 0, 7, 1, 0], jnp.int32)        # sum 11 < M: the last rows are unused
+  got = tgmm(lhs, dy, sizes, kernel=kernel, tiling=(4, 2, 2), interpret=True,
+             out_dtype=jnp.float32)
+  _, _, want = _oracle(lhs, np.zeros((G, K, N)), sizes, dy)
+  _close(got, want)
+
+
+@pytest.mark.parametrize("kernel", ["visits", "tiles", "chunked"])
+def test_gmm_256_groups(kernel):
+  """G = 256 groups for 40 rows: most empty, a few large, one straddling every tile."""
+  m, g = 40, 256
+  lhs, rhs, cot = _inputs(12, m=m, g=g)
+  sizes = np.zeros(g, np.int32)
+  sizes[[0, 3, 100, 101, 200, 255]] = [5, 9, 1, 11, 7, 4]   # sum 37 < M
+  tiling = (8, 2) if kernel == "chunked" else (8, 2, 2)
+  got = _value_and_grads(lhs, rhs, jnp.asarray(sizes), cot, kernel=kernel, tiling=tiling)
+  for a, w in zip(got, _oracle(lhs, rhs, sizes, cot)):
+    _close(a, w)
+
+
+@pytest.mark.parametrize("kernel", ["visits", "tiles", "chunked"])
+def test_bfloat16_accumulates_in_float32(kernel):
+  lhs, rhs, cot = _inputs(9, dtype=jnp.bfloat16)
+  sizes = jnp.asarray([4, 0, 6, 0, 3], jnp.int32)
+  tiling = (4, 2) if kernel == "chunked" else (4, 2, 2)
+  got = _value_and_grads(lhs, rhs, sizes, cot, kernel=kernel, tiling=tiling)
+  want = _oracle(lhs, rhs, sizes, cot)
+  for a, w in zip(got, want):
+    assert a.dtype == jnp.bfloat16
+    err = np.linalg.norm(np.asarray(a, np.float64) - w) / np.linalg.norm(w)
+    assert err < 1e-2, err
+
+
+def test_visit_plan_counts_and_order():
+  """Visits: every (group, tile) pair a group touches, in order, then inactive repeats."""
+  start = jnp.asarray([0, 3, 3, 10], jnp.int32)
+  end = jnp.asarray([3, 3, 10, 13], jnp.int32)       # group 1 empty; tm=4, 4 tiles
+  group, tile, active = (np.asarray(a) for a in _visit_plan(start, end, 4, 4, 4 + 4))
+  np.testing.assert_array_equal(group, [0, 1, 2, 2, 2, 3, 3, 3])
+  np.testing.assert_array_equal(tile, [0, 0, 0, 1, 2, 2, 3, 3])
+  np.testing.assert_array_equal(active, [1, 1, 1, 1, 1, 1, 1, 0])
+
+
+def test_default_tiling_and_registry():
+  assert default_tiling(8192, 512, 1024, "visits") == (128, 512, 512)
+  assert default_tiling(13, 3, 5, "visits") == (16, 3, 5)
+  tm, tk, tn = default_tiling(13, 3, 5, "tiles")
+  assert all(t & (t - 1) == 0 and t >= 16 for t in (tm, tk, tn))   # Triton: powers of two
+  assert GMM_BACKENDS["pallas"] is pallas_gmm and GMM_BACKENDS["chunked"] is chunked_gmm
+  with pytest.raises(ValueError, match="kernel="):
+    gmm(jnp.zeros((4, 2)), jnp.zeros((1, 2, 2)), jnp.asarray([4]), kernel="cuda_magic")
