@@ -5,7 +5,9 @@
 Each process owns 8 / NUM_PROCESSES simulated CPU devices; `jax.distributed` joins them into one
 8-device job over localhost (gloo collectives), which is how moejax runs on several hosts. The
 config is configs/default.py with the JSON dotted-name overrides; STOP_AFTER 0 trains to the end.
-Prints one line `SUMMARY {...}` with the run summary's scalars.
+Prints one line `SUMMARY {...}` with the run summary's scalars. The heartbeat timeout is the
+config's `train.heartbeat_timeout_s`; a lost peer ends the process with exit code
+`faults.EXIT_PEER_LOST` and a `PeerLostError` line on stderr (moejax/faults.py).
 """
 import json
 import os
@@ -21,12 +23,15 @@ def main(argv):
   cache = os.environ.get("MOEJAX_TEST_JAX_CACHE")
   if cache:
     jax.config.update("jax_compilation_cache_dir", cache)
-  jax.distributed.initialize(f"localhost:{port}", num_processes=nproc, process_id=pid)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from helpers import load_config  # noqa: PLC0415
+  from moejax import faults  # noqa: PLC0415
   from moejax.train import train_and_evaluate  # noqa: PLC0415
   config = load_config(**json.loads(overrides))
-  summary = train_and_evaluate(config, workdir, progress=False, stop_after=stop_after or None)
+  faults.initialize_distributed(f"localhost:{port}", nproc, pid,
+                                heartbeat_timeout_s=config.train.heartbeat_timeout_s)
+  with faults.exit_on_peer_loss():
+    summary = train_and_evaluate(config, workdir, progress=False, stop_after=stop_after or None)
   scalars = {k: v for k, v in summary.items() if isinstance(v, (bool, int, float, str))}
   print("SUMMARY " + json.dumps({"process": jax.process_index(), **scalars}), flush=True)
   jax.distributed.shutdown()
