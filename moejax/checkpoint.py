@@ -31,6 +31,12 @@ _STATE = "state"
 _EXTRA = "extra"
 
 
+class CheckpointWriteError(OSError):
+  """Saving a checkpoint failed (a full disk, a failing write, a quota): the message names the
+  step's directory, the underlying error and the previous complete checkpoint, which is intact
+  (orbax only renames a finished save into place) and is the one a restart resumes from."""
+
+
 class Checkpointer:
   """Saves the train state every `every` steps (and when forced), keeps the last `keep`.
 
@@ -85,6 +91,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=(_STATE, _EXTRA)
     )
+    self._in_flight: int | None = None   # the step of the asynchronous save not yet waited for
 
   def save(self, step: int, state: Any, extra: dict, force: bool = False) -> bool:
     """Starts saving `state` and `extra` as checkpoint `step` if it is due.
@@ -127,13 +134,17 @@ class Checkpointer:
           f"Checkpointer.save extra={extra!r}: allowed is a JSON-serialisable dict "
           f"(convert numpy/jax values with int()/float()/.tolist()): {e}"
       ) from e
-    return self._manager.save(
+    # Orbax would wait for the save in flight anyway; its error (if any) surfaces here.
+    self.wait()
+    self._in_flight = step
+    started = self._checked(lambda: self._manager.save(
         step,
         args=ocp.args.Composite(
             **{_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)}
         ),
         force=True,
-    )
+    ))
+    return started
 
   def latest_step(self) -> int | None:
     """The latest complete checkpoint's step, or None if there is none.
@@ -192,12 +203,45 @@ class Checkpointer:
     return step, restored[_STATE], dict(restored[_EXTRA])
 
   def wait(self) -> None:
-    """Blocks until the save in flight (if any) is complete on disk; raises its error."""
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight (if any) is complete on disk.
+
+    Raises:
+      CheckpointWriteError: that save failed (see the class).
+    """
+    self._checked(self._manager.wait_until_finished)
+    self._in_flight = None
 
   def close(self) -> None:
-    """Waits for the save in flight and releases orbax's threads. Call once, at the end."""
-    self._manager.close()
+    """Waits for the save in flight and releases orbax's threads. Call once, at the end.
+
+    Raises:
+      CheckpointWriteError: the save in flight failed (orbax's threads are released anyway).
+    """
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def _checked(self, fn):
+    """`fn()`, with an error of the save in flight turned into a `CheckpointWriteError`."""
+    try:
+      return fn()
+    except Exception as e:  # noqa: BLE001  (orbax raises ValueError/OSError/RuntimeError)
+      step, self._in_flight = self._in_flight, None
+      if step is None:
+        raise
+      try:
+        latest = self._manager.latest_step()
+      except Exception:  # noqa: BLE001
+        latest = None
+      previous = (f"step {latest} ({os.path.join(self.directory, str(latest))})"
+                  if latest is not None else "none")
+      first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise CheckpointWriteError(
+          f"checkpoint step {step} could not be written to "
+          f"{os.path.join(self.directory, str(step))} ({type(e).__name__}: {first}). The "
+          f"latest complete checkpoint is {previous}, intact; a restart resumes from it. "
+          "Free space (or fix the write error) in " + self.directory) from e
 
   def __enter__(self) -> Checkpointer:
     return self
