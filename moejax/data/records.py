@@ -10,6 +10,7 @@ document), checked before anything is compiled:
 """
 from __future__ import annotations
 
+import bisect
 import os
 
 import grain   # the `data` extra: this module is imported only by the Grain sources
@@ -130,6 +131,62 @@ def _array_record_files(pattern: str, field: str) -> list[str]:
                           "a glob of ArrayRecord files, e.g. 'corpus/*.array_record'")
 
 
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: " + (text.splitlines()[0][:300] if text else "(no message)")
+
+
+class ArrayRecordFiles:
+  """The records of several ArrayRecord files as one random-access source (for Grain), whose
+  errors name the file and the record.
+
+  Each file's footer is read when this is built: a truncated file, or one that is not
+  ArrayRecord, fails there with a ValueError naming `field`, its value and the file. A record
+  whose chunk is corrupt (riegeli's hash check) fails when first read, with a ValueError naming
+  the file and the record's index in it.
+
+  Args:
+    paths: the files, in order (record i of the source is record i - start of its file).
+    field, value: the config field that named the files and its value, for error messages.
+  """
+
+  def __init__(self, paths: list[str], field: str, value: str):
+    from array_record.python import array_record_module  # the `data` extra
+
+    self.paths, self.field, self.value = list(paths), field, value
+    counts = []
+    for path in self.paths:
+      try:
+        reader = array_record_module.ArrayRecordReader(path)
+        counts.append(int(reader.num_records()))
+        reader.close()
+      except Exception as e:   # array_record raises RuntimeError/OSError, sometimes empty
+        raise ValueError(
+            f"{field}: got {value!r}; the file {path} ({os.path.getsize(path)} bytes) is not a "
+            f"readable ArrayRecord file, truncated or not ArrayRecord ({_first_line(e)}); "
+            "allowed: complete ArrayRecord files (ArrayRecordWriter closed), or leave it out "
+            "of the glob") from None
+    self.starts = np.cumsum([0] + counts).tolist()   # starts[f]: first record of file f
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return self.starts[-1]
+
+  def __getitem__(self, index: int) -> bytes:
+    try:
+      return self._source[index]
+    except Exception as e:   # riegeli: "Corrupted Riegeli/records file: ... hash mismatch"
+      f = bisect.bisect_right(self.starts, int(index)) - 1
+      raise ValueError(
+          f"{self.field}: got {self.value!r}; record {int(index) - self.starts[f]} of the file "
+          f"{self.paths[f]} (record {int(index)} of {len(self)} in all) cannot be read, the "
+          f"file is corrupt ({_first_line(e)}); allowed: readable ArrayRecord files: write "
+          "it again, or leave it out of the glob") from None
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordFiles({len(self.paths)} files, {len(self)} records)"
+
+
 def array_record_documents(config, split: str) -> grain.MapDataset:
   """The documents of `split` in the ArrayRecord files of config.data.source='array_record:GLOB'.
 
@@ -143,12 +200,9 @@ def array_record_documents(config, split: str) -> grain.MapDataset:
   use_eval_glob = split == "eval" and eval_glob
   paths = (_array_record_files(eval_glob, "data.eval_glob") if use_eval_glob
            else _array_record_files(pattern, "data.source"))
-  try:
-    records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-  except Exception as e:   # array_record raises RuntimeError/OSError for unreadable files
-    raise ValueError(f"data.source: got {config.data.source!r}; the files {paths[:3]} are not "
-                     f"readable ArrayRecord files ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:200]})") from None
+  field = "data.eval_glob" if use_eval_glob else "data.source"
+  records = grain.MapDataset.source(
+      ArrayRecordFiles(paths, field, eval_glob if use_eval_glob else config.data.source))
   if use_eval_glob:
     return records
   fraction = config.data.get("eval_fraction", 0.1)

@@ -43,7 +43,11 @@ class TextSource(base.IndexedSource):
       raise ValueError(f"data.eval_fraction: got {eval_fraction!r}; allowed: a number in (0, 1)")
     self.documents = []
     for path in paths:
-      data = np.fromfile(path, dtype=np.uint8)
+      try:
+        data = np.fromfile(path, dtype=np.uint8)
+      except OSError as e:
+        raise ValueError(f"data.text_glob: the file {path!r} cannot be read ({e}); allowed: "
+                         "readable local text files") from None
       cut = int(np.floor((1.0 - eval_fraction) * len(data)))
       part = data[:cut] if split == "train" else data[cut:]
       if len(part) >= 2:
