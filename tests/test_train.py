@@ -1,6 +1,7 @@
 """Training end to end: the loss approaches the data's floor, resume is exact, the mesh size
 does not change the numbers, and SIGTERM leaves a complete checkpoint."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from moejax import data, sharding
 from moejax.metrics import read_metrics
@@ -16,12 +18,13 @@ from moejax.train import Trainer, train_and_evaluate
 from helpers import ROOT, load_config, set_fields
 
 
-def tiny_config(**overrides):
-  """A model and language small enough to learn in seconds on 2 CPU cores."""
-  c = load_config()
+def tiny_config(config_name="default", **overrides):
+  """A model and language small enough to learn in seconds on 2 CPU cores, from
+  configs/<config_name>.py (its router, dispatch and top-k kept)."""
+  c = load_config(config_name)
   c.model.update(vocab_size=32, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, d_ff=64,
                  num_layers=2, max_len=32)
-  c.model.moe.update(num_experts=4, top_k=2)
+  c.model.moe.update(num_experts=4)
   c.data.update(num_domains=2, branching=2)
   c.train.update(steps=8, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=4,
                  eval_batches=2, checkpoint_every=4, keep_checkpoints=2, log_every=1)
@@ -87,6 +90,43 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   assert read_metrics(os.path.join(resumed, "metrics.jsonl")) == lines_before
 
 
+def test_stochastic_router_resumes_exactly_from_a_periodic_checkpoint(tmp_path):
+  """Switch (jitter noise from the train key, capacity dispatch) killed after step 6, whose stop
+  checkpoint is lost: the restart takes the periodic checkpoint of step 4, replays steps 5-6
+  with the same noise and ends bit-identical to an uninterrupted run."""
+  config = tiny_config("switch")
+  assert config.model.moe.router_args.jitter_noise > 0 and config.model.moe.dispatch == "capacity"
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train_and_evaluate(config, straight, progress=False)
+  train_and_evaluate(config, resumed, progress=False, stop_after=6)
+  ckpts = os.path.join(resumed, "checkpoints")
+  assert sorted(os.listdir(ckpts)) == ["4", "6"]
+  shutil.rmtree(os.path.join(ckpts, "6"))   # as if killed before the stop checkpoint
+  assert train_and_evaluate(config, resumed, progress=False)["step"] == 8
+  a, b = _losses(straight), _losses(resumed)
+  assert sorted(a) == sorted(b) == list(range(1, 9))
+  assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]              # bit-identical
+  assert _losses(straight, "eval/loss") == _losses(resumed, "eval/loss")
+
+
+def test_train_key_is_folded_with_the_step():
+  """The same params and batch at steps 3 and 4 give different Switch losses (new jitter noise
+  each step), and equal ones without jitter: the difference is the per-step key and only it."""
+  losses = {}
+  for jitter in (0.01, 0.0):
+    config = tiny_config("switch", **{"model.moe.router_args.jitter_noise": jitter})
+    trainer = Trainer(config)
+    batch = trainer.put_batch(data.make_source(config, "train").next())
+    for step in (3, 4):
+      state = trainer.init_state()
+      state["step"] = jax.device_put(np.int32(step), state["step"].sharding)
+      losses[jitter, step] = float(trainer.train_step(state, batch)[1]["train/loss"])
+  assert losses[0.0, 3] == losses[0.0, 4], losses
+  assert losses[0.01, 3] != losses[0.01, 4], losses
+  # The noise is small: the jittered losses stay near the noiseless one.
+  assert abs(losses[0.01, 3] - losses[0.0, 3]) < 1e-2 * losses[0.0, 3], losses
+
+
 def test_only_process_zero_writes_metrics(tmp_path, monkeypatch):
   """A multi-host run has one metrics writer: a process other than 0 trains and checkpoints but
   writes no metrics file and no TensorBoard events."""
@@ -98,9 +138,12 @@ def test_only_process_zero_writes_metrics(tmp_path, monkeypatch):
   assert os.listdir(tmp_path / "checkpoints")
 
 
-def test_one_device_equals_eight_devices():
+@pytest.mark.parametrize("config_name", ["default", "switch"])
+def test_one_device_equals_eight_devices(config_name):
+  """Also for Switch (jittered router input, capacity dispatch): the jitter noise is drawn the
+  same whatever the mesh."""
   assert len(jax.devices()) == 8, "tests/conftest.py simulates 8 CPU devices"
-  config = tiny_config()
+  config = tiny_config(config_name)
   source = data.make_source(config, "train")
   batches = [source.next() for _ in range(3)]
   losses = {}
