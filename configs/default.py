@@ -38,8 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
   moe.router_args = ml_collections.ConfigDict()  # extra keyword arguments of the router
   moe.dispatch = "dropless"
   moe.capacity_factor = 1.25
-  moe.group_size = 64      # tokens routed together under capacity dispatch (one sequence)
+  moe.routing_group = 64   # R: tokens routed together under capacity dispatch (one sequence)
   moe.gmm_backend = "blocked"  # padded row tiles; "ragged_dot": jax.lax.ragged_dot (moejax/kernels)
+  # Expert parallelism (mesh.expert > 1), dropless: how tokens reach their experts' shard
+  # ("all_to_all" | "ring") and the buffers' size in average loads (0: worst case, no drops).
+  moe.ep_exchange = "all_to_all"
+  moe.ep_capacity_factor = 0.0
+  moe.balance_stats = "global"  # load-balancing loss over the global batch, or per "device"
   moe.lb_loss_weight = 0.01
   moe.z_loss_weight = 0.001
 
@@ -56,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 500
   t.keep_checkpoints = 3
   t.log_every = 50
+  # Faults (moejax/faults.py). halt: stop at a NaN/Inf step, naming it; skip: drop its update.
+  t.nan_policy = "halt"             # halt | skip
+  t.max_skipped_steps = 10          # skip: more non-finite steps in a row than this halt the run
+  t.preemption_check_every = 10     # several processes: agree on a SIGTERM every N steps
+  t.heartbeat_timeout_s = 60        # several processes: a peer silent this long is dead
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "synthetic"
@@ -78,6 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.worker_count = 0       # Grain worker processes (0: in the training process)
 
   c.mesh = mesh = ml_collections.ConfigDict()
+  # "" or a preset layout: data | fsdp | ep_data | ep_fsdp | ep_tensor (moejax.sharding;
+  # README, "Choosing a mesh"); a preset keeps mesh.expert and mesh.tensor, fills the rest.
+  mesh.preset = ""
   mesh.data = -1           # -1: all remaining devices
   mesh.fsdp = 1
   mesh.expert = 1

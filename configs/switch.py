@@ -1,5 +1,5 @@
 """Switch Transformer: top-1 routing with a capacity factor and jitter noise (Fedus et al. 2021,
-arXiv:2101.03961). Capacity C = ceil(1.25 * group_size / E) per group of one sequence."""
+arXiv:2101.03961). Capacity C = ceil(1.25 * R / E) per routing group of R = one sequence."""
 import os
 import sys
 
@@ -15,5 +15,5 @@ def get_config():
   moe.router_args.jitter_noise = 0.01
   moe.dispatch = "capacity"
   moe.capacity_factor = 1.25
-  moe.group_size = c.train.seq_len
+  moe.routing_group = c.train.seq_len
   return c

@@ -5,57 +5,18 @@ milliseconds with one error that names the field, the value and what is allowed.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
+import json
+import math
 from typing import Any
 
 import ml_collections
 
+from moejax.errors import ConfigError
+from moejax.moe.dims import is_moe_layer, moe_dims
+
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-
-class ConfigError(ValueError):
-  """A config field holds a value outside what is allowed.
-
-  Attributes:
-    field: dotted path of the field, e.g. `model.moe.top_k`.
-    value: the offending value.
-    allowed: what would have been accepted, in words.
-  """
-
-  def __init__(self, field: str, value: Any, allowed: str):
-    self.field, self.value, self.allowed = field, value, allowed
-    super().__init__(f"config field `{field}` = {value!r} is not allowed: expected {allowed}")
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEDims:
-  """Expert counts and widths after fine-grained segmentation.
-
-  Granularity G splits each of E experts of width F into G experts of width F/G and routes each
-  token to K*G of them, keeping active FLOPs fixed ("Scaling Laws for Fine-Grained Mixture of
-  Experts", Krajewski et al. 2024, arXiv:2402.07871). Shared experts follow DeepSeekMoE
-  (arXiv:2401.06066): always-on experts of the same fine-grained width.
-  """
-  num_experts: int     # E*G
-  top_k: int           # K*G
-  expert_width: int    # F/G
-  shared_width: int    # num_shared_experts * F/G (0: none)
-
-
-def moe_dims(model: ml_collections.ConfigDict) -> MoEDims:
-  """Derived MoE sizes of `model` (the `config.model` subtree); see `MoEDims`."""
-  moe = model.moe
-  g = moe.granularity
-  width = model.d_ff // g
-  return MoEDims(num_experts=moe.num_experts * g, top_k=moe.top_k * g, expert_width=width,
-                 shared_width=moe.num_shared_experts * width)
-
-
-def is_moe_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
-  """Whether 0-based `layer` has an MoE FFN: every `moe_every`-th layer, none when 0."""
-  return model.moe_every > 0 and (layer + 1) % model.moe_every == 0
+_BALANCE_STATS = ("global", "device")
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -116,17 +77,13 @@ _LAYER_SUPPLIED_ROUTER_ARGS = {"self", "d_model", "num_experts", "top_k", "rngs"
 def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks the `model` subtree alone (what building the model and counting its parameters
   need); returns it unchanged or raises `ConfigError` with `model.`-prefixed field names."""
-  # Imported here: the registries live with their implementations.
   from flax import nnx
-  from moejax.dispatch import DISPATCHERS
-  from moejax.experts import FFN_FORMS
-  from moejax.kernels import GMM_BACKENDS
-  from moejax.routing import ROUTERS
+  from moejax.moe import DISPATCHERS, EP_EXCHANGES, FFN_FORMS, GMM_BACKENDS, ROUTERS
 
   root, m, moe = {"model": model}, model, model.moe
   for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "d_ff", "max_len", "moe.num_experts", "moe.top_k", "moe.granularity",
-            "moe.group_size"):
+            "moe.routing_group"):
     _positive_int(root, f"model.{f}")
   for f in ("moe_every", "moe.num_shared_experts"):
     _nonneg_int(root, f"model.{f}")
@@ -145,9 +102,8 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
          f"at most model.moe.num_experts={moe.num_experts}")
   _check(m.d_ff % moe.granularity == 0, "model.moe.granularity", moe.granularity,
          f"a divisor of model.d_ff={m.d_ff}")
-  _check(moe.expert_type in FFN_FORMS, "model.moe.expert_type", moe.expert_type,
-         f"one of {tuple(FFN_FORMS)}")
-  _check(moe.router in ROUTERS, "model.moe.router", moe.router, f"one of {sorted(ROUTERS)}")
+  FFN_FORMS.check(moe.expert_type)
+  ROUTERS.check(moe.router)
   router_args = set(inspect.signature(ROUTERS[moe.router].__init__).parameters)
   for key in moe.router_args:
     _check(key in router_args - _LAYER_SUPPLIED_ROUTER_ARGS, f"model.moe.router_args.{key}",
@@ -156,23 +112,53 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   # Build the router abstractly (no FLOPs, no compile) so its own argument checks, which raise
   # ConfigError, run now.
   dims = moe_dims(m)
-  nnx.eval_shape(lambda: ROUTERS[moe.router](m.d_model, dims.num_experts, dims.top_k,
+  nnx.eval_shape(lambda: ROUTERS[moe.router](m.d_model, dims.experts, dims.experts_per_token,
                                              rngs=nnx.Rngs(0), **moe.router_args))
-  _check(moe.dispatch in DISPATCHERS, "model.moe.dispatch", moe.dispatch,
-         f"one of {sorted(DISPATCHERS)}")
-  _check(isinstance(moe.capacity_factor, (int, float)) and moe.capacity_factor > 0,
-         "model.moe.capacity_factor", moe.capacity_factor, "a number > 0")
-  _check(moe.gmm_backend in GMM_BACKENDS, "model.moe.gmm_backend", moe.gmm_backend,
-         f"one of {sorted(GMM_BACKENDS)}")
+  DISPATCHERS.check(moe.dispatch)
+  EP_EXCHANGES.check(moe.ep_exchange)
+  GMM_BACKENDS.check(moe.gmm_backend)
+  for f in ("capacity_factor", "ep_capacity_factor"):
+    _check(_is_number(moe[f]) and (moe[f] > 0 or f == "ep_capacity_factor" and moe[f] == 0),
+           f"model.moe.{f}", moe[f], "a number > 0" + (" (0: buffers for the worst case)"
+                                                        if f == "ep_capacity_factor" else ""))
+  _check(moe.balance_stats in _BALANCE_STATS, "model.moe.balance_stats", moe.balance_stats,
+         f"one of {_BALANCE_STATS}")
   for f in ("lb_loss_weight", "z_loss_weight"):
-    _check(moe[f] >= 0, f"model.moe.{f}", moe[f], "a number >= 0")
+    _check(_is_number(moe[f]) and moe[f] >= 0, f"model.moe.{f}", moe[f], "a number >= 0")
   return model
 
 
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every field of a moejax config; returns it unchanged or raises `ConfigError`."""
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Configs already checked, by content: `validate` runs once per run however many entry points
+# (main, train_and_evaluate, Trainer) hand it the same config.
+_VALIDATED: set[tuple[str, int]] = set()
+
+
+def validate(config: ml_collections.ConfigDict,
+             num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Checks every field of a moejax config; returns it unchanged or raises `ConfigError`.
+
+  `num_devices`: the devices the run uses (default: all of `jax.devices()`), for the mesh
+  checks. Runs once per distinct config content.
+  """
+  if num_devices is None:
+    import jax  # noqa: PLC0415
+    num_devices = jax.device_count()
+  key = (config.to_json_best_effort(sort_keys=True), num_devices)
+  if key in _VALIDATED:
+    return config
+  _validate(config, num_devices)
+  _VALIDATED.add(key)
+  return config
+
+
+def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   from moejax.data import SOURCES, source_name
   from moejax.data.tokenizers import TOKENIZERS
+  from moejax.sharding import resolve_mesh
 
   validate_model(config.model)
   m, moe, t = config.model, config.model.moe, config.train
@@ -184,15 +170,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _nonneg_int(config, f)
   _check(t.seq_len <= m.max_len, "train.seq_len", t.seq_len,
          f"at most model.max_len={m.max_len}")
-  if moe.dispatch == "capacity":
-    tokens = t.batch_size * t.seq_len
-    _check(tokens % moe.group_size == 0, "model.moe.group_size", moe.group_size,
-           f"a divisor of train.batch_size*train.seq_len={tokens}")
-  _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+  _check(_is_number(t.lr) and t.lr > 0, "train.lr", t.lr, "a number > 0")
   _check(t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
          f"at most train.steps={t.steps}")
-  _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
-  _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "a number > 0")
+  _check(_is_number(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay",
+         t.weight_decay, "a number >= 0")
+  _check(_is_number(t.grad_clip) and t.grad_clip > 0, "train.grad_clip", t.grad_clip,
+         "a number > 0")
 
   _check(source_name(config.data.source) in SOURCES, "data.source", config.data.source,
          f"one of {sorted(SOURCES)} (tfds:<name>[/<config>], array_record:<glob>)")
@@ -206,9 +190,26 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _nonneg_int(config, "data.worker_count")
   if "pack" in d:
     _check(isinstance(d.pack, bool), "data.pack", d.pack, "True or False")
+  _validate_mesh(config, resolve_mesh(config.mesh, num_devices, moe_dims(m).experts))
 
-  sizes = {a: config.mesh[a] for a in ("data", "fsdp", "expert", "tensor")}
-  for a, v in sizes.items():
-    _check(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{a}", v, "an integer >= 1 or -1")
-  _check(sum(v == -1 for v in sizes.values()) <= 1, "mesh", sizes, "at most one axis of size -1")
-  return config
+
+def _validate_mesh(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> None:
+  """The mesh against the model and the batch (sizes from `sharding.resolve_mesh`, which has
+  checked them against the devices)."""
+  m, moe, t = config.model, config.model.moe, config.train
+  dims = moe_dims(m)
+  ep, tp = sizes["expert"], sizes["tensor"]
+  _check(ep <= dims.experts and dims.experts % ep == 0, "mesh.expert", ep,
+         f"a divisor of the {dims.experts} experts (model.moe.num_experts * granularity)")
+  _check(dims.expert_width % tp == 0, "mesh.tensor", tp,
+         f"a divisor of the expert width {dims.expert_width} (model.d_ff / granularity)")
+  shards = sizes["data"] * sizes["fsdp"] * ep
+  _check(t.batch_size % shards == 0, "train.batch_size", t.batch_size,
+         f"a multiple of mesh.data * mesh.fsdp * mesh.expert = {shards} (the batch is split "
+         "over them)")
+  if moe.dispatch == "capacity":
+    # Capacity dispatch splits the tokens over `tensor` too (DispatchPlan.token_axes).
+    tokens = t.batch_size * t.seq_len // (shards * tp)
+    _check(tokens % moe.routing_group == 0, "model.moe.routing_group", moe.routing_group,
+           f"a divisor of the {tokens} tokens on each device (train.batch_size * train.seq_len "
+           f"/ {shards * tp} devices): routing groups never straddle devices")

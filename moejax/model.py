@@ -3,7 +3,7 @@
 Pre-norm blocks ("On Layer Normalization in the Transformer Architecture", Xiong et al. 2020,
 arXiv:2002.04745) with RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), rotary position
 embeddings (RoFormer, Su et al. 2021, arXiv:2104.09864), grouped-query attention (Ainslie et al.
-2023, arXiv:2305.13245) and sparse MoE FFNs (moejax.layers).
+2023, arXiv:2305.13245) and sparse MoE FFNs (moejax.moe).
 """
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import Mesh
 
-from moejax.config import is_moe_layer
-from moejax.experts import MLP
-from moejax.layers import MoELayer
+from moejax.moe import MLP, MoELayer, is_moe_layer
 from moejax.params import logical_param, ones_param
 
 
@@ -90,13 +89,14 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x)), ffn dense or MoE."""
 
-  def __init__(self, m: ml_collections.ConfigDict, moe: bool, *, rngs: nnx.Rngs):
+  def __init__(self, m: ml_collections.ConfigDict, moe: bool, *, rngs: nnx.Rngs,
+               mesh: Mesh | None = None):
     pd = jnp.dtype(m.param_dtype)
     self.attn_norm = RMSNorm(m.d_model, param_dtype=pd)
     self.attn = Attention(m, rngs=rngs)
     self.ffn_norm = RMSNorm(m.d_model, param_dtype=pd)
     self.is_moe = moe
-    self.ffn = (MoELayer(m, rngs=rngs) if moe else
+    self.ffn = (MoELayer(m, rngs=rngs, mesh=mesh) if moe else
                 MLP(m.d_model, m.d_ff, m.moe.expert_type, rngs=rngs, dtype=jnp.dtype(m.dtype),
                     param_dtype=pd))
 
@@ -105,7 +105,7 @@ class Block(nnx.Module):
     x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
     h = self.ffn_norm(x)
     if self.is_moe:
-      y, aux_loss, metrics = self.ffn(h, train=train, rng=rng)
+      y, aux_loss, metrics = self.ffn(h, segment_ids, train=train, rng=rng)
     else:
       y, aux_loss, metrics = self.ffn(h), jnp.zeros((), jnp.float32), None
     return x + y.astype(x.dtype), aux_loss, metrics
@@ -115,11 +115,13 @@ class Transformer(nnx.Module):
   """Decoder-only LM ("Language Models are Unsupervised Multitask Learners", Radford et al.
   2019) with sparse MoE FFNs (Shazeer et al. 2017, arXiv:1701.06538)."""
 
-  def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
+    """`mesh`: where the model runs (None: one device); the MoE layers shard_map over it."""
     pd = jnp.dtype(m.param_dtype)
     self.dtype, self.tie = jnp.dtype(m.dtype), m.tie_embeddings
     self.embed = logical_param(rngs, (m.vocab_size, m.d_model), 1.0, ("vocab", "embed"), pd)
-    self.blocks = nnx.List([Block(m, is_moe_layer(m, i), rngs=rngs) for i in range(m.num_layers)])
+    self.blocks = nnx.List([Block(m, is_moe_layer(m, i), rngs=rngs, mesh=mesh)
+                            for i in range(m.num_layers)])
     self.final_norm = RMSNorm(m.d_model, param_dtype=pd)
     self.head = (None if m.tie_embeddings else
                  logical_param(rngs, (m.d_model, m.vocab_size), m.d_model ** -0.5,

@@ -15,6 +15,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moejax.errors import ConfigError
+from moejax.registry import Registry
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None: replicated)
@@ -33,27 +36,66 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
-  """Axis sizes with the one -1 axis (if any) filled so the product is `num_devices`; without a
-  -1 axis the product may be smaller (a run on part of the devices)."""
-  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+# mesh.preset -> the axis sizes it sets from the configured ones. The preset fixes which axes
+# are used; the sizes a user still chooses are mesh.expert (EP) and mesh.tensor.
+MESH_PRESETS = Registry("mesh.preset", {
+    "data": lambda s: {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1},
+    "fsdp": lambda s: {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1},
+    "ep_data": lambda s: {"data": -1, "fsdp": 1, "expert": s["expert"], "tensor": 1},
+    "ep_fsdp": lambda s: {"data": 1, "fsdp": -1, "expert": s["expert"], "tensor": 1},
+    "ep_tensor": lambda s: {"data": -1, "fsdp": 1, "expert": s["expert"], "tensor": s["tensor"]},
+})
+# The axes whose size a preset takes from the config; each must be >= 2 under it.
+_PRESET_CHOSEN_AXES = {"ep_data": ("expert",), "ep_fsdp": ("expert",),
+                       "ep_tensor": ("expert", "tensor")}
+
+
+def resolve_mesh(mesh_config: ml_collections.ConfigDict, num_devices: int,
+                 num_experts: int | None = None) -> dict[str, int]:
+  """Axis sizes {data, fsdp, expert, tensor} of `mesh_config` on `num_devices` devices.
+
+  `mesh.preset` (if not "") sets the layout first (`MESH_PRESETS`). The one -1 axis (if any)
+  takes the devices the others leave; without one the product may be smaller than the device
+  count (the run uses the first devices). Raises ConfigError naming `mesh.<axis>`.
+  """
+  sizes = {}
+  for a in MESH_AXES:
+    v = mesh_config[a]
+    if isinstance(v, bool) or not isinstance(v, int) or not (v >= 1 or v == -1):
+      raise ConfigError(f"mesh.{a}", v, "an integer >= 1, or -1 (all remaining devices)")
+    sizes[a] = v
+  preset = mesh_config.get("preset", "")
+  if preset:
+    MESH_PRESETS.check(preset)
+    for a in _PRESET_CHOSEN_AXES.get(preset, ()):
+      if sizes[a] < 2:
+        raise ConfigError(f"mesh.{a}", sizes[a], f"an integer >= 2 with mesh.preset={preset!r}")
+    sizes = MESH_PRESETS[preset](sizes)
+  if sum(v == -1 for v in sizes.values()) > 1:
+    raise ConfigError("mesh", sizes, "at most one axis of size -1")
   known = math.prod(v for v in sizes.values() if v != -1)
-  if -1 in sizes.values():
+  free = next((a for a, v in sizes.items() if v == -1), None)
+  if free is not None:
     if num_devices % known:
-      raise ValueError(f"mesh: sizes {sizes} cannot fill {num_devices} devices "
-                       f"({num_devices} is not a multiple of {known})")
-    sizes = {a: (num_devices // known if v == -1 else v) for a, v in sizes.items()}
+      axis = next(a for a, v in sizes.items() if v > 1) if known > 1 else free
+      raise ConfigError(f"mesh.{axis}", sizes[axis], f"sizes whose product divides the "
+                        f"{num_devices} devices (mesh: {sizes})")
+    sizes[free] = num_devices // known
   if math.prod(sizes.values()) > num_devices:
-    raise ValueError(f"mesh: sizes {sizes} need {math.prod(sizes.values())} devices, "
-                     f"only {num_devices} are present")
+    axis = max(sizes, key=sizes.get)
+    raise ConfigError(f"mesh.{axis}", sizes[axis], f"sizes whose product is at most the "
+                      f"{num_devices} devices (mesh: {sizes})")
+  if num_experts is not None and (sizes["expert"] > num_experts or num_experts % sizes["expert"]):
+    raise ConfigError("mesh.expert", sizes["expert"],
+                      f"a divisor of the {num_experts} experts (EP shards hold E/EP each)")
   return sizes
 
 
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """A `Mesh` with axes `MESH_AXES` sized by `mesh_config` over the first devices of `devices`
-  (default: all); a -1 axis takes all that remain."""
+  """A `Mesh` with axes `MESH_AXES` sized by `mesh_config` (`resolve_mesh`) over the first
+  devices of `devices` (default: all)."""
   devices = jax.devices() if devices is None else devices
-  sizes = mesh_shape(mesh_config, len(devices))
+  sizes = resolve_mesh(mesh_config, len(devices))
   used = devices[:math.prod(sizes.values())]
   return Mesh(np.asarray(used).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 

@@ -77,10 +77,11 @@ class Trainer:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
-    self.config = validate(config)
+    # Checked before anything is built: against all devices, or the mesh a caller passes.
+    self.config = validate(config, num_devices=None if mesh is None else mesh.size)
     self.mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
     self.tx = make_optimizer(config.train)
-    abstract = nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(config.seed)))
+    abstract = nnx.eval_shape(self._model)
     self.graphdef, abstract_state = nnx.split(abstract)
     self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, self.mesh))
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -104,8 +105,11 @@ class Trainer:
     return {"params": self.param_shardings, "opt_state": opt, "step": self.replicated,
             "rng": self.replicated}
 
+  def _model(self) -> Transformer:
+    return Transformer(self.config.model, rngs=nnx.Rngs(self.config.seed), mesh=self.mesh)
+
   def _init_state(self):
-    model = Transformer(self.config.model, rngs=nnx.Rngs(self.config.seed))
+    model = self._model()
     params = nnx.to_pure_dict(nnx.state(model))
     return {"params": params, "opt_state": self.tx.init(params),
             "step": jnp.zeros((), jnp.int32),
@@ -181,7 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ({split: source}, from `data.make_sources`) saves building the data again when the caller
   already did. Returns the run summary (see `metrics.format_summary`).
   """
+  from moejax import faults, train_checks  # noqa: PLC0415  (fault handling, moejax/faults.py)
   validate(config)
+  train_checks.validate_train_faults(config)
   t = config.train
   # Host-side data first: a bad data field fails before anything is compiled.
   sources = data.make_sources(config) if sources is None else sources
@@ -189,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   trainer = Trainer(config)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                  every=t.checkpoint_every)
+  extra = {}
   if ckpt.latest_step() is None:
     start, state = 0, trainer.init_state()
   else:
@@ -212,11 +219,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bar = metrics_lib.ProgressBar(t.steps, start, disable=hide_bar)
   last, tokens_per_s, eval_out = {}, None, {}
   tic, timed_steps = time.perf_counter(), 0
-  with checkpoint.PreemptionGuard() as guard:
+  # NaN/Inf policy and multi-host stop agreement: moejax/faults.py.
+  step_fn = faults.guarded_step(trainer.train_step, skip=t.nan_policy == "skip")
+  nan_state = extra.get("nan_guard", {})
+  nan_guard = faults.init_guard(trainer.train_step, state, eval_batches[0],
+                                skipped=nan_state.get("skipped", 0),
+                                in_row=nan_state.get("in_row", 0))
+  multi = jax.process_count() > 1
+  step = start
+  with checkpoint.PreemptionGuard() as guard, faults.peer_loss_as_error(ckpt, lambda: step):
     for step in range(start + 1, t.steps + 1):
-      state, out = trainer.train_step(state, trainer.put_batch(train_source.next()))
+      state, nan_guard, out = step_fn(state, nan_guard, trainer.put_batch(train_source.next()))
       timed_steps += 1
-      stop = guard.should_stop or step == stop_after
+      # Several processes stop together: they agree every preemption_check_every steps.
+      if not multi:
+        stop = guard.should_stop
+      else:
+        stop = step % t.preemption_check_every == 0 and faults.any_process(guard.should_stop)
+      stop = stop or step == stop_after
+      force = stop or step == t.steps
+      due = force or step % t.checkpoint_every == 0 or step % t.eval_every == 0
+      if due or step % t.log_every == 0:
+        # A sync point anyway: no later checkpoint, eval or log line once a step went bad.
+        nan_host = jax.device_get(nan_guard)
+        _halt_if_nonfinite(nan_host, t, ckpt, writer)
       if step % t.log_every == 0 or step == t.steps or stop:
         out = jax.device_get(out)
         elapsed = time.perf_counter() - tic
@@ -232,10 +258,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         bar.write(f"step {step}: eval/loss {eval_out['eval/loss']:.4f}"
                   + (f" (floor {floor:.4f})" if floor is not None else ""))
         tic, timed_steps = time.perf_counter(), 0   # keep eval time out of tokens/s
-      force = stop or step == t.steps
       if force or step % t.checkpoint_every == 0:
         # Only when saving: a Grain source's get_state is a collective on several hosts.
-        ckpt.save(step, state, {"data": train_source.get_state()}, force=force)
+        ckpt.save(step, state, {"data": train_source.get_state(),
+                                "nan_guard": {"skipped": int(nan_host["skipped"]),
+                                              "in_row": int(nan_host["in_row"])}}, force=force)
       if stop:
         break
   bar.close()
@@ -253,6 +280,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "checkpoints": ckpt.directory, "metrics": writer.path,
              "stopped_early": final_step < t.steps}
   return {k: v for k, v in summary.items() if v is not None}
+
+
+def _halt_if_nonfinite(nan_host: dict, t, ckpt, writer) -> None:
+  """Raises `faults.NonFiniteError` when `train.nan_policy` says the run must stop, after the
+  checkpoint in flight (the last good one) is complete on disk."""
+  from moejax import faults  # noqa: PLC0415
+  report = faults.nonfinite_report(nan_host, policy=t.nan_policy,
+                                   max_skipped_steps=t.max_skipped_steps)
+  if report is None:
+    return
+  ckpt.close()
+  writer.close()
+  latest = ckpt.latest_step()
+  raise faults.NonFiniteError(
+      f"{report}. Nothing was saved after the bad step; the latest checkpoint is "
+      + (f"step {latest} in {ckpt.directory}" if latest is not None else "none")
+      + " (a restart resumes from it).")
 
 
 def _primary_process() -> bool:

@@ -6,7 +6,9 @@ import jax
 import pytest
 from flax import nnx
 
-from moejax.config import ConfigError, moe_dims, validate
+from moejax.config import validate
+from moejax.errors import ConfigError
+from moejax.moe import moe_dims
 from moejax.model import Transformer
 
 from helpers import ROOT, load_config
@@ -25,7 +27,7 @@ BAD = [
     ("model.moe.gmm_backend", "cuda_magic", {}, "model.moe.gmm_backend"),
     ("model.moe.granularity", 3, {}, "model.moe.granularity"),        # 128 % 3 != 0
     ("model.moe.lb_loss_weight", -0.1, {}, "model.moe.lb_loss_weight"),
-    ("model.moe.group_size", 100, {"model.moe.dispatch": "capacity"}, "model.moe.group_size"),
+    ("model.moe.routing_group", 100, {"model.moe.dispatch": "capacity"}, "model.moe.routing_group"),
     ("model.moe.router_args.softmax_order", "sideways", {}, "model.moe.router_args.softmax_order"),
     ("model.moe.router_args.jitter_noise", 1.5, {"model.moe.router": "switch",
                                                  "model.moe.top_k": 1},
@@ -98,7 +100,7 @@ def _ffn_active_width(config):
   if m.moe_every == 0:
     return m.d_ff
   d = moe_dims(m)
-  return d.top_k * d.expert_width + d.shared_width
+  return d.experts_per_token * d.expert_width + d.shared_width
 
 
 def test_dense_baseline_matches_default_active_ffn_width():
@@ -108,5 +110,5 @@ def test_dense_baseline_matches_default_active_ffn_width():
 def test_fine_grained_dims():
   m = load_config("fine_grained").model
   d = moe_dims(m)
-  assert (d.num_experts, d.top_k, d.expert_width) == (64, 8, m.d_ff // 8)
+  assert (d.experts, d.experts_per_token, d.expert_width) == (64, 8, m.d_ff // 8)
   assert d.shared_width == m.d_ff // 8

@@ -19,7 +19,8 @@ from array_record.python import array_record_module
 
 from moejax import data
 from moejax.checkpoint import Checkpointer
-from moejax.config import ConfigError, validate
+from moejax.config import validate
+from moejax.errors import ConfigError
 from moejax.data import grain_source, records, tfds_builder, tokenizers
 from moejax.data.packing import BATCH_KEYS
 from moejax.metrics import read_metrics

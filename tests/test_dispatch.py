@@ -1,4 +1,4 @@
-"""Tests for moejax.dispatch: capacity arithmetic and GShard priority against a Python loop, the
+"""Tests for moejax.moe.dispatch: capacity arithmetic and GShard priority against a Python loop, the
 sort/inverse permutation, and the custom VJPs of permute/unpermute against plain autodiff."""
 import functools
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
-from moejax.dispatch import (DISPATCHERS, capacity_masks, expert_capacity, inverse_permutation,
-                             permute, sort_by_expert, unpermute)
+from moejax.moe.dispatch import (DISPATCHERS, capacity_masks, expert_capacity,
+                                 inverse_permutation, permute, sort_by_expert, unpermute)
 
 
 def test_registry():

@@ -1,10 +1,11 @@
-"""Tests for moejax.layers.MoELayer against an independent oracle: a per-expert Python loop in
+"""Tests for moejax.moe.MoELayer against an independent oracle: a per-expert Python loop in
 float64 numpy over the layer's own weights, for both dispatch modes, outputs and gradients.
 
 The oracle's gradients are central finite differences of its float64 loss (the routing decision
 is piecewise constant, so away from ties the differences see only the smooth paths: the combine
 weights through the router gate, and the expert and shared FFNs).
 """
+import dataclasses
 import functools
 import math
 
@@ -14,11 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import moe_dims
-from moejax.experts import MLP
-from moejax.kernels import GMM_BACKENDS
-from moejax.layers import MoELayer
+from moejax.moe import GMM_BACKENDS, MLP, MoELayer, moe_dims
 
+import reference as ref
 from helpers import load_config, set_fields
 
 def _config(**overrides):
@@ -33,7 +32,7 @@ def _layer_config(*, d_model, d_ff, experts, top_k, granularity=1, shared=0, exp
       "moe.num_experts": experts, "moe.top_k": top_k, "moe.granularity": granularity,
       "moe.num_shared_experts": shared, "moe.expert_type": expert_type, "moe.router": router,
       "moe.dispatch": dispatch, "moe.capacity_factor": capacity_factor,
-      "moe.group_size": group_size})
+      "moe.routing_group": group_size})
   for key, value in (router_args or {}).items():
     model.moe.router_args[key] = value
   return model
@@ -56,61 +55,6 @@ def _layer(model, seed):
 # ----------------------------------------------------------------------------- numpy oracle
 
 
-def _silu(z):
-  return z / (1.0 + np.exp(-z))
-
-
-def _gelu(z):
-  # jax.nn.gelu's default, the tanh approximation (Hendrycks & Gimpel 2016, eq. 2).
-  return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)))
-
-
-def _ffn(x, w, kind):
-  """x [N, D], w {name: [D, F] or [F, D]} -> [N, D]."""
-  if kind == "swiglu":
-    return (_silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
-  return _gelu(x @ w["up"]) @ w["down"]
-
-
-def _softmax(z):
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
-
-
-def _route(logits, router, top_k, args):
-  """Float64 routing: (expert_index [T, K], combine_weights [T, K], margin)."""
-  score = 1.0 / (1.0 + np.exp(-logits)) if router == "sigmoid" else _softmax(logits)
-  order = np.argsort(-score, axis=-1, kind="stable")     # ties -> lower index
-  idx = order[:, :top_k]
-  top = np.take_along_axis(score, idx, -1)
-  margin = np.inf
-  if top_k < score.shape[1]:
-    rest = np.take_along_axis(score, order[:, top_k:top_k + 1], -1)
-    margin = float((top[:, -1:] - rest).min())
-  if router == "topk" and args.get("softmax_order") == "after":
-    weights = _softmax(np.take_along_axis(logits, idx, -1))
-  elif (router == "topk" and args.get("renormalize")) or (
-      router == "sigmoid" and args.get("renormalize", True)):
-    weights = top / top.sum(-1, keepdims=True)
-  else:
-    weights = top
-  return idx, weights, margin
-
-
-def _keep_mask(idx, num_experts, group_size, capacity):
-  """GShard priority per group: first choices (token order) before second choices, ..."""
-  t, k = idx.shape
-  keep = np.zeros((t, k), bool)
-  for g0 in range(0, t, group_size):
-    filled = np.zeros(num_experts, int)
-    for choice in range(k):
-      for token in range(g0, g0 + group_size):
-        e = idx[token, choice]
-        keep[token, choice] = filled[e] < capacity
-        filled[e] += 1
-  return keep
-
-
 class Oracle:
   """The MoE layer as a per-expert loop in float64 over weights read from `layer`."""
 
@@ -120,7 +64,7 @@ class Oracle:
     self.experts = {n: f64(p) for n, p in layer.experts.w.items()}
     self.shared = None if layer.shared is None else {n: f64(p) for n, p in layer.shared.w.items()}
     dims = moe_dims(model)
-    self.num_experts, self.top_k = dims.num_experts, dims.top_k
+    self.num_experts, self.top_k = dims.experts, dims.experts_per_token
     self.kind, self.router = model.moe.expert_type, model.moe.router
     self.router_args = model.moe.router_args.to_dict()
 
@@ -133,7 +77,7 @@ class Oracle:
   def __call__(self, x, params=None, keep=None):
     """x [T, D] -> (y [T, D], expert_index [T, K], combine_weights [T, K], margin)."""
     p = params or self.params()
-    idx, weights, margin = _route(x @ p["gate"], self.router, self.top_k, self.router_args)
+    idx, weights, _, margin = ref.route(x @ p["gate"], self.router, self.top_k, self.router_args)
     if keep is None:
       keep = np.ones(idx.shape, bool)
     y = np.zeros_like(x)
@@ -141,9 +85,9 @@ class Oracle:
       tokens, slots = np.nonzero((idx == e) & keep)
       if tokens.size:
         w = {n: p[f"experts.{n}"][e] for n in self.experts}
-        y[tokens] += weights[tokens, slots, None] * _ffn(x[tokens], w, self.kind)
+        y[tokens] += weights[tokens, slots, None] * ref.ffn(x[tokens], w, self.kind)
     if self.shared is not None:
-      y = y + _ffn(x, {n: p[f"shared.{n}"] for n in self.shared}, self.kind)
+      y = y + ref.ffn(x, {n: p[f"shared.{n}"] for n in self.shared}, self.kind)
     return y, idx, weights, margin
 
   def grads(self, x, cot, eps=1e-6):
@@ -167,7 +111,7 @@ class Oracle:
       for n in self.shared:
         grads[f"shared.{n}"] = fd(full, p[f"shared.{n}"])
     # Expert weights do not move the routing: difference each expert's own term only.
-    idx, weights, _ = _route(x @ p["gate"], self.router, self.top_k, self.router_args)
+    idx, weights, _, _ = ref.route(x @ p["gate"], self.router, self.top_k, self.router_args)
     for n in self.experts:
       grads[f"experts.{n}"] = np.zeros_like(p[f"experts.{n}"])
     for e in range(self.num_experts):
@@ -175,7 +119,7 @@ class Oracle:
       if not tokens.size:
         continue
       w = {n: p[f"experts.{n}"][e].copy() for n in self.experts}
-      term = lambda: np.sum(weights[tokens, slots, None] * _ffn(x[tokens], w, self.kind)
+      term = lambda: np.sum(weights[tokens, slots, None] * ref.ffn(x[tokens], w, self.kind)
                             * cot[tokens])
       for n in self.experts:
         grads[f"experts.{n}"][e] = fd(term, w[n])
@@ -185,14 +129,21 @@ class Oracle:
 # ----------------------------------------------------------------------------- jitted layer
 
 
+def _set_mode(layer, dispatch, backend=None):
+  """Switches `layer` (in place) to `dispatch` and, if given, grouped-matmul `backend`."""
+  layer.plan = dataclasses.replace(layer.plan, dispatch=dispatch)
+  if backend:
+    layer.experts.ffn = dataclasses.replace(layer.experts.ffn, gmm_backend=backend)
+
+
 def _both_dispatch(layer):
   """(graphdef dropless, graphdef capacity, state): the same weights under both dispatch modes."""
-  old = layer.dispatch
-  layer.dispatch = "capacity"
+  old = layer.plan.dispatch
+  _set_mode(layer, "capacity")
   gd_capacity, _ = nnx.split(layer)
-  layer.dispatch = "dropless"
+  _set_mode(layer, "dropless")
   gd_dropless, state = nnx.split(layer)
-  layer.dispatch = old
+  _set_mode(layer, old)
   return gd_dropless, gd_capacity, state
 
 
@@ -204,13 +155,13 @@ MODES = ("dropless", "capacity") + tuple(
 
 def _mode_graphdefs(layer):
   """(((mode, graphdef), ...), state): the same weights under every mode of MODES."""
-  old = layer.dispatch, layer.experts.gmm_backend
+  old = layer.plan.dispatch, layer.experts.ffn.gmm_backend
   graphdefs = []
   for mode in MODES:
     dispatch, _, backend = mode.partition("/")
-    layer.dispatch, layer.experts.gmm_backend = dispatch, backend or "ragged_dot"
+    _set_mode(layer, dispatch, backend or "ragged_dot")
     graphdefs.append((mode, nnx.split(layer)[0]))
-  layer.dispatch, layer.experts.gmm_backend = old
+  _set_mode(layer, *old)
   return tuple(graphdefs), nnx.split(layer)[1]
 
 
@@ -260,7 +211,7 @@ def oracle_case(request):
   seed = ORACLE_CASES.index(request.param)
   model = _layer_config(group_size=s, **kwargs)
   dims = moe_dims(model)
-  model.moe.capacity_factor = float(dims.num_experts)   # capacity >= every copy of a group
+  model.moe.capacity_factor = float(dims.experts)   # capacity >= every copy of a group
   layer = _layer(model, seed)
   oracle = Oracle(layer, model)
   x = np.asarray(jax.random.normal(jax.random.key(100 + seed), (b, s, model.d_model)))
@@ -309,7 +260,7 @@ def test_capacity_with_room_for_all_equals_dropless(oracle_case, mode):
 
 def test_empty_experts_get_zero_gradient(oracle_case):
   c = oracle_case
-  empty = np.setdiff1d(np.arange(c["dims"].num_experts), c["idx"])
+  empty = np.setdiff1d(np.arange(c["dims"].experts), c["idx"])
   if c["name"].endswith("empty_experts") or c["name"].endswith("empty"):
     assert empty.size > 0, "the case was meant to leave experts without tokens"
   for dispatch in MODES:
@@ -323,7 +274,7 @@ def test_empty_experts_get_zero_gradient(oracle_case):
 def test_group_sizes_and_metrics(oracle_case):
   c = oracle_case
   out = c["out"]["dropless"]
-  t, k, e = c["x"].shape[0], c["dims"].top_k, c["dims"].num_experts
+  t, k, e = c["x"].shape[0], c["dims"].experts_per_token, c["dims"].experts
   sizes = out["routing"].group_sizes
   assert sizes.sum() == t * k
   np.testing.assert_array_equal(sizes, np.bincount(c["idx"].ravel(), minlength=e))
@@ -362,7 +313,7 @@ def test_small_capacity_drops_exactly_the_overflow(factor, capacity, seed):
   _, idx, _, margin = oracle(x2)
   assert margin > 1e-4
   np.testing.assert_array_equal(routing.expert_index, idx)
-  keep = _keep_mask(idx, experts, group, capacity)
+  keep = ref.capacity_keep(idx, experts, group, capacity)
   want, *_ = oracle(x2, keep=keep)
   _close(np.asarray(y).reshape(x2.shape), want)
   dropped = int((~keep).sum())
@@ -401,7 +352,7 @@ def test_one_expert_top1_equals_dense_ffn():
   np.testing.assert_array_equal(routing.expert_index, 0)
   assert float(m_c["dropped_frac"]) == 0.0
   w = {n: np.asarray(p[...][0], np.float64) for n, p in layer.experts.w.items()}
-  want = _ffn(np.asarray(x, np.float64), w, "swiglu")
+  want = ref.ffn(np.asarray(x, np.float64), w, "swiglu")
   for got in (y_d, y_c, y_mlp):
     _close(np.asarray(got), want, rtol=1e-5)
   np.testing.assert_allclose(y_d, y_mlp, rtol=1e-5, atol=1e-6)
@@ -424,6 +375,6 @@ def test_router_is_float32_in_a_bfloat16_layer():
   if margin > 1e-3:
     np.testing.assert_array_equal(routing.expert_index, idx)
   logits = x2 @ oracle.gate
-  np.testing.assert_allclose(routing.router_probs, _softmax(logits), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(routing.router_probs, ref.softmax(logits), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(y, np.float32).reshape(x2.shape), want, rtol=5e-2,
                              atol=5e-2 * np.abs(want).max())

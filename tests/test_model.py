@@ -23,8 +23,8 @@ def _config(**overrides):
   small = {"model.vocab_size": V, "model.d_model": 16, "model.num_layers": 2,
            "model.num_heads": 2, "model.num_kv_heads": 2, "model.head_dim": 8,
            "model.d_ff": 16, "model.max_len": 16, "model.moe_every": 2,
-           "model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.group_size": S,
-           "train.seq_len": S, "train.batch_size": B}
+           "model.moe.num_experts": 4, "model.moe.top_k": 2, "model.moe.routing_group": S,
+           "train.seq_len": S, "train.batch_size": B, "mesh.data": 1}
   return validate(load_config(**{**small, **overrides}))
 
 

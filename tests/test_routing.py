@@ -1,4 +1,4 @@
-"""Tests for moejax.routing: exact routing decisions on hand-made logits (Flaxformer style),
+"""Tests for moejax.moe.routing: exact routing decisions on hand-made logits (Flaxformer style),
 tie-breaking, float32 router math, Switch jitter, and the closed forms of the load-balancing
 loss, the router z-loss and the routing metrics.
 
@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.routing import ROUTERS, Routing
-from moejax.routing.base import (load_balancing_loss, router_z_loss, routing_metrics,
-                                 top_k_lowest_index)
+from moejax.moe.balance import load_balancing_loss, router_z_loss, routing_metrics
+from moejax.moe.routing import ROUTERS, Routing, top_k_lowest_index
+
+import reference as ref
 
 E = 4
 
@@ -65,38 +66,13 @@ def routed():
   return jax.tree.map(np.asarray, _route_all(jnp.asarray(LOGITS)))
 
 
-def _softmax(z):
-  z = np.asarray(z, np.float64)
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
-
-
-def _sigmoid(z):
-  return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
-
-
-def _take(a, idx):
-  return np.take_along_axis(a, idx, axis=-1)
-
-
 def _expected(key, logits):
-  """(expert_index, combine_weights, router_probs) from the paper formulas, float64."""
-  logits = np.asarray(logits, np.float64)
-  idx = TOP1 if ROUTER_CASES[key][1] == 1 else TOP2
-  if key in ("before", "top1", "switch"):
-    probs = _softmax(logits)
-    return idx, _take(probs, idx), probs
-  if key == "before_renorm":
-    probs = _softmax(logits)
-    w = _take(probs, idx)
-    return idx, w / w.sum(-1, keepdims=True), probs
-  if key == "after":
-    return idx, _softmax(_take(logits, idx)), _softmax(logits)
-  s = _sigmoid(logits)
-  w = _take(s, idx)
-  if key == "sigmoid":
-    w = w / w.sum(-1, keepdims=True)
-  return idx, w, s / s.sum(-1, keepdims=True)
+  """(expert_index, combine_weights, router_probs) from the float64 reference router, whose
+  choices must be the hand-made ones."""
+  name, k, args = ROUTER_CASES[key]
+  idx, weights, probs, _ = ref.route(logits, name, k, args)
+  np.testing.assert_array_equal(idx, TOP1 if k == 1 else TOP2)
+  return idx, weights, probs
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -232,12 +208,12 @@ def test_router_math_is_float32_with_bfloat16_inputs():
   logits = router.logits(x, train=False, rng=None)
   r = jax.jit(lambda x: router(x))(x)
   # The reference: the same bfloat16 numbers, multiplied in float64.
-  ref = np.asarray(x, np.float64) @ np.asarray(router.gate[...], np.float64)
+  want = np.asarray(x, np.float64) @ np.asarray(router.gate[...], np.float64)
   assert logits.dtype == jnp.float32
-  np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
   assert r.router_probs.dtype == jnp.float32 and r.combine_weights.dtype == jnp.float32
-  np.testing.assert_allclose(r.router_probs, _softmax(ref), rtol=1e-5, atol=1e-6)
-  lse = np.log(np.exp(ref).sum(-1))
+  np.testing.assert_allclose(r.router_probs, ref.softmax(want), rtol=1e-5, atol=1e-6)
+  lse = np.log(np.exp(want).sum(-1))
   np.testing.assert_allclose(r.aux_losses["z_loss"], np.mean(lse ** 2), rtol=1e-5)
 
 
@@ -263,7 +239,7 @@ def test_switch_jitter_only_in_training_and_within_bounds():
   np.testing.assert_array_equal(out["eval"], xn)
   np.testing.assert_array_equal(out["train_no_rng"], xn)
   np.testing.assert_array_equal(out["probs_eval"], out["probs_train_no_rng"])
-  np.testing.assert_allclose(out["probs_eval"], _softmax(xn), rtol=1e-6)
+  np.testing.assert_allclose(out["probs_eval"], ref.softmax(xn), rtol=1e-6)
   # Training with a key: a multiplicative factor in [1 - eps, 1 + eps] that spans the range.
   factor = out["train"] / xn
   assert factor.min() >= 1 - eps - 1e-6 and factor.max() <= 1 + eps + 1e-6

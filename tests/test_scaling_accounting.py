@@ -8,7 +8,7 @@ from flax import nnx
 import jax
 
 from helpers import load_config
-from moejax.config import ConfigError
+from moejax.errors import ConfigError
 from moejax.model import Transformer
 from moejax.scaling.accounting import flops_per_token, param_counts
 

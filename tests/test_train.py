@@ -24,7 +24,7 @@ def tiny_config(config_name="default", **overrides):
   c = load_config(config_name)
   c.model.update(vocab_size=32, d_model=32, num_heads=2, num_kv_heads=2, head_dim=16, d_ff=64,
                  num_layers=2, max_len=32)
-  c.model.moe.update(num_experts=4)
+  c.model.moe.update(num_experts=4, routing_group=32)   # one sequence per routing group
   c.data.update(num_domains=2, branching=2)
   c.train.update(steps=8, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=4,
                  eval_batches=2, checkpoint_every=4, keep_checkpoints=2, log_every=1)

@@ -15,8 +15,9 @@ import dataclasses
 
 import ml_collections
 
-from moejax.config import is_moe_layer, moe_dims, validate_model
-from moejax.experts import num_ffn_matrices
+from moejax.config import validate_model
+from moejax.moe import is_moe_layer, moe_dims
+from moejax.moe.experts import num_ffn_matrices
 
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
@@ -79,14 +80,14 @@ def param_counts(config) -> ParamCounts:
       "attention": s["num_layers"] * per_attn,
       "norms": (2 * s["num_layers"] + 1) * d,
       "dense_ffn": s["num_dense"] * s["mats"] * d * s["d_ff"],
-      "router": s["num_moe"] * d * dims.num_experts,
-      "experts": s["num_moe"] * dims.num_experts * expert,
+      "router": s["num_moe"] * d * dims.experts,
+      "experts": s["num_moe"] * dims.experts * expert,
       "shared_experts": s["num_moe"] * s["mats"] * d * dims.shared_width,
       "embedding": s["vocab_size"] * d,
       "head": 0 if s["tie"] else d * s["vocab_size"],
   }
   total = sum(b.values())
-  active = total - b["experts"] + s["num_moe"] * dims.top_k * expert
+  active = total - b["experts"] + s["num_moe"] * dims.experts_per_token * expert
   return ParamCounts(total=total, active=active, embedding=b["embedding"] + b["head"], breakdown=b)
 
 
@@ -122,8 +123,8 @@ def flops_per_token(config, seq_len: int | None = None, causal: bool = False) ->
       "out_proj": 2 * layers * heads_dim * d,
       "attn_scores": 2 * layers * context * heads_dim,
       "attn_values": 2 * layers * context * heads_dim,
-      "router": 2 * s["num_moe"] * d * dims.num_experts,
-      "experts": 2 * s["num_moe"] * dims.top_k * expert,
+      "router": 2 * s["num_moe"] * d * dims.experts,
+      "experts": 2 * s["num_moe"] * dims.experts_per_token * expert,
       "shared_experts": 2 * s["num_moe"] * s["mats"] * d * dims.shared_width,
       "dense_ffn": 2 * s["num_dense"] * s["mats"] * d * s["d_ff"],
       "lm_head": 2 * d * s["vocab_size"],

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.config import ConfigError
-from moejax.routing.base import Router, register, top_k_lowest_index
+from moejax.errors import ConfigError
+from moejax.moe.routing.base import ROUTERS, Router, top_k_lowest_index
 
 _SOFTMAX_ORDERS = ("before", "after")
 
 
-@register("topk")
+@ROUTERS.register("topk")
 class TopKRouter(Router):
   """Token-choice top-k with softmax scores.
 
@@ -43,7 +43,7 @@ class TopKRouter(Router):
     return index, weights, probs
 
 
-@register("sigmoid")
+@ROUTERS.register("sigmoid")
 class SigmoidRouter(Router):
   """Token-choice top-k with sigmoid affinities, normalised over the chosen k (DeepSeek-V3,
   arXiv:2412.19437, eqs. 13-15). `router_probs` are the affinities normalised over all E."""
@@ -63,7 +63,7 @@ class SigmoidRouter(Router):
     return index, weights, scores / jnp.sum(scores, axis=-1, keepdims=True)
 
 
-@register("switch")
+@ROUTERS.register("switch")
 class SwitchRouter(TopKRouter):
   """Switch Transformer top-1 router (Fedus et al. 2021, arXiv:2101.03961): softmax before the
   top-1, the chosen probability as the combine weight, and multiplicative jitter noise

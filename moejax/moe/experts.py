@@ -1,0 +1,128 @@
+"""Feed-forward blocks: the FFN forms, the dense FFN (and shared experts), and the expert bank.
+
+The FFN forms are pure functions of (x, weights, matmul); the dense FFN, the shared experts and
+the routed experts differ only in the matmul they hand the form: a plain dot (dense, shared), a
+batched einsum over the expert axis (capacity dispatch), or a grouped matmul over ragged expert
+groups (dropless dispatch). Dispatch receives the weights as a dict of arrays and an
+`ExpertFFN` (the form, the grouped-matmul backend and the compute dtype), never a module, so
+it can run inside `jax.shard_map`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import kernels
+from moejax.params import logical_param
+from moejax.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNForm:
+  """An FFN form: `apply(x, w, matmul)` and the names of its D -> F weight matrices (the F -> D
+  one is always `down`)."""
+  apply: object
+  in_names: tuple[str, ...]
+
+  @property
+  def num_matrices(self) -> int:
+    """Weight matrices of one FFN of this form: the D -> F ones plus the F -> D one."""
+    return len(self.in_names) + 1
+
+
+def swiglu(x, w, matmul):
+  """SwiGLU FFN: (silu(x W_gate) * x W_up) W_down ("GLU Variants Improve Transformer",
+  Shazeer 2020, arXiv:2002.05202)."""
+  return matmul(jax.nn.silu(matmul(x, w["gate"])) * matmul(x, w["up"]), w["down"])
+
+
+def gelu(x, w, matmul):
+  """GeLU FFN: gelu(x W_up) W_down ("Gaussian Error Linear Units", Hendrycks & Gimpel 2016,
+  arXiv:1606.08415)."""
+  return matmul(jax.nn.gelu(matmul(x, w["up"])), w["down"])
+
+
+FFN_FORMS = Registry("model.moe.expert_type", {
+    "swiglu": FFNForm(swiglu, ("gate", "up")),
+    "gelu": FFNForm(gelu, ("up",)),
+})
+
+# Grouped-matmul backends (moejax/kernels, which imports nothing of moejax) under their names.
+GMM_BACKENDS = Registry("model.moe.gmm_backend", kernels.GMM_BACKENDS)
+
+
+def num_ffn_matrices(expert_type: str) -> int:
+  """Weight matrices of one FFN of form `expert_type`."""
+  return FFN_FORMS[expert_type].num_matrices
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFFN:
+  """How the expert weights are applied: static, hashable, safe to close over in shard_map.
+
+  Attributes:
+    form: an `FFN_FORMS` name.
+    gmm_backend: a `GMM_BACKENDS` name (dropless dispatch).
+    dtype: compute dtype name.
+  """
+  form: str
+  gmm_backend: str
+  dtype: str
+
+  def grouped(self, xs: jax.Array, w: dict, group_sizes: jax.Array) -> jax.Array:
+    """Dropless: xs [M, D] sorted by expert, w {name: [E, D, F] / [E, F, D]}, group_sizes [E]
+    -> [M, D]; rows past sum(group_sizes) give zeros."""
+    gmm = functools.partial(GMM_BACKENDS[self.gmm_backend], group_sizes=group_sizes)
+    return FFN_FORMS[self.form].apply(xs.astype(self.dtype), self._cast(w), gmm)
+
+  def batched(self, xs: jax.Array, w: dict) -> jax.Array:
+    """Capacity: xs [E, C, D], one slab per expert -> [E, C, D]."""
+    matmul = functools.partial(jnp.einsum, "ecd,edf->ecf")
+    return FFN_FORMS[self.form].apply(xs.astype(self.dtype), self._cast(w), matmul)
+
+  def _cast(self, w: dict) -> dict:
+    return {n: v.astype(self.dtype) for n, v in w.items()}
+
+
+class MLP(nnx.Module):
+  """Dense FFN of width F (a dense layer's FFN, or DeepSeekMoE's always-on shared experts,
+  "DeepSeekMoE: Towards Ultimate Expert Specialization in Mixture-of-Experts Language Models",
+  Dai et al. 2024, arXiv:2401.06066, concatenated into one FFN of their summed width)."""
+
+  def __init__(self, d_model: int, width: int, ffn_type: str, *, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.ffn_type, self.dtype = ffn_type, dtype
+    form = FFN_FORMS[ffn_type]
+    self.w = nnx.Dict({n: logical_param(rngs, (d_model, width), d_model ** -0.5,
+                                        ("embed", "mlp"), param_dtype) for n in form.in_names})
+    self.w["down"] = logical_param(rngs, (width, d_model), width ** -0.5, ("mlp", "embed"),
+                                   param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., D] -> [..., D]."""
+    w = {n: p[...].astype(self.dtype) for n, p in self.w.items()}
+    return FFN_FORMS[self.ffn_type].apply(x.astype(self.dtype), w, jnp.dot)
+
+
+class ExpertBank(nnx.Module):
+  """E experts of width F with weights stacked on a leading expert axis: [E, D, F], [E, F, D]
+  (GShard, arXiv:2006.16668), so the expert axis can be sharded over the mesh."""
+
+  def __init__(self, num_experts: int, d_model: int, width: int, ffn_type: str, *,
+               rngs: nnx.Rngs, gmm_backend: str = "blocked", dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.ffn = ExpertFFN(ffn_type, gmm_backend, jnp.dtype(dtype).name)
+    form = FFN_FORMS[ffn_type]
+    self.w = nnx.Dict({
+        n: logical_param(rngs, (num_experts, d_model, width), d_model ** -0.5,
+                         ("expert", "embed", "expert_mlp"), param_dtype) for n in form.in_names})
+    self.w["down"] = logical_param(rngs, (num_experts, width, d_model), width ** -0.5,
+                                   ("expert", "expert_mlp", "embed"), param_dtype)
+
+  def weights(self) -> dict:
+    """{name: array}: [E, D, F] for the D -> F matrices, [E, F, D] for `down`."""
+    return {n: p[...] for n, p in self.w.items()}

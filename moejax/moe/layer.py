@@ -1,0 +1,68 @@
+"""The MoE layer: route -> dispatch (permute, grouped matmul, unpermute) -> combine (+ shared).
+
+"Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer", Shazeer et
+al. 2017, arXiv:1701.06538, in the token-choice form of GShard (arXiv:2006.16668).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from moejax.moe.dims import moe_dims
+from moejax.moe.dispatch import DispatchPlan, dispatch
+from moejax.moe.experts import MLP, ExpertBank
+from moejax.moe.routing import ROUTERS, Routing
+
+
+class MoELayer(nnx.Module):
+  """Sparse FFN: a router from the registry, an expert bank, optional shared experts.
+
+  Granularity, shared experts, the router and the dispatch are all config (`moejax.moe.dims`,
+  `model.moe`). `mesh` is where the layer runs (None: one device); with a mesh, dispatch runs
+  inside `jax.shard_map` and every device works on its own tokens only.
+  """
+
+  def __init__(self, model: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+               mesh: Mesh | None = None):
+    moe = model.moe
+    dims = moe_dims(model)
+    dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    self.plan = DispatchPlan.build(moe, dims.experts, mesh)
+    self.balance_stats = moe.balance_stats
+    self.lb_loss_weight, self.z_loss_weight = moe.lb_loss_weight, moe.z_loss_weight
+    self.router = ROUTERS[moe.router](model.d_model, dims.experts, dims.experts_per_token,
+                                      rngs=rngs, param_dtype=param_dtype, **moe.router_args)
+    self.experts = ExpertBank(dims.experts, model.d_model, dims.expert_width, moe.expert_type,
+                              rngs=rngs, gmm_backend=moe.gmm_backend, dtype=dtype,
+                              param_dtype=param_dtype)
+    self.shared = (MLP(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
+                       dtype=dtype, param_dtype=param_dtype) if dims.shared_width else None)
+
+  def route(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool = False,
+            rng: jax.Array | None = None) -> Routing:
+    """x: [T, D], token_mask: [T] bool (False: padding) -> the router's decision."""
+    groups = self.plan.num_batch_shards if self.balance_stats == "device" else 1
+    return self.router(x, token_mask, train=train, rng=rng, balance_groups=groups)
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, *, train: bool = False,
+               rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+    """x: [B, S, D], segment_ids: [B, S] (0: padding, not routed) -> (y [B, S, D], weighted
+    aux loss (scalar), metrics {name: array}).
+
+    Metrics: `load` [E], `dropped_frac`, `router_entropy`, `max_vio`, `lb_loss`, `z_loss`.
+    """
+    b, s, d = x.shape
+    xt = x.reshape(b * s, d)
+    mask = None if segment_ids is None else segment_ids.reshape(b * s) > 0
+    routing = self.route(xt, mask, train=train, rng=rng)
+    y, dispatch_metrics = dispatch(xt, routing.expert_index, routing.combine_weights,
+                                   self.experts.weights(), ffn=self.experts.ffn, plan=self.plan)
+    if self.shared is not None:
+      y = y + self.shared(xt)
+    losses = routing.aux_losses
+    aux_loss = (self.lb_loss_weight * losses["lb_loss"] + self.z_loss_weight * losses["z_loss"])
+    metrics = {**routing.metrics, **dispatch_metrics, **losses}
+    return y.reshape(b, s, d).astype(x.dtype), aux_loss, metrics

@@ -1,0 +1,122 @@
+"""The routing result, the router base class and the router registry.
+
+Router math runs in float32 whatever the model dtype. The split into scores -> probabilities ->
+routing decision follows Flaxformer's routing module; the losses and metrics are in
+`moejax.moe.balance`.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.moe import balance
+from moejax.params import logical_param
+from moejax.registry import Registry
+
+ROUTERS = Registry("model.moe.router")
+
+
+@flax.struct.dataclass
+class Routing:
+  """One routing decision, the same for every router (GShard's dispatch/combine information,
+  Lepikhin et al. 2020, "GShard: Scaling Giant Models with Conditional Computation and Automatic
+  Sharding", arXiv:2006.16668, kept in index form as in MegaBlocks, arXiv:2211.15841).
+
+  A slot may name no expert: its index is E (the sentinel `num_experts`) and its weight 0. Such
+  slots (padding tokens; later, drops, null experts, expert choice) reach no matmul and count in
+  no load. The K slots of one token name distinct experts (or the sentinel).
+
+  Attributes:
+    expert_index: [T, K] int32 expert of each token's k-th slot, in [0, E]; E = no expert.
+    combine_weights: [T, K] float32 weight of that expert's output in the token's output.
+    group_sizes: [E] int32 token copies sent to each expert before any drop.
+    router_probs: [T, E] float32 router probabilities (normalised to sum to 1 per token).
+    token_mask: [T] bool, False for tokens that were not routed (padding).
+    aux_losses: {name: scalar} unweighted auxiliary losses (`lb_loss`, `z_loss`).
+    metrics: {name: array} `load` [E], `router_entropy`, `max_vio`.
+  """
+  expert_index: jax.Array
+  combine_weights: jax.Array
+  group_sizes: jax.Array
+  router_probs: jax.Array
+  token_mask: jax.Array
+  aux_losses: dict
+  metrics: dict
+
+  @property
+  def num_experts(self) -> int:
+    """E, which is also the "no expert" index."""
+    return self.router_probs.shape[-1]
+
+
+def top_k_lowest_index(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k over the last axis, ties broken towards the lower expert index.
+
+  `jax.lax.top_k` already returns equal values in index order; this function is the one place
+  that promise is relied on (and tested), so every router shares it.
+
+  Args:
+    scores: [T, E] float32.
+  Returns:
+    (values [T, K], indices [T, K] int32).
+  """
+  values, indices = jax.lax.top_k(scores, k)
+  return values, indices.astype(jnp.int32)
+
+
+class Router(nnx.Module):
+  """Base router: a linear gate W [D, E] giving float32 logits, then `decide`.
+
+  Subclasses implement `decide(logits [T, E], *, train, rng) -> (expert_index [T, K],
+  combine_weights [T, K], router_probs [T, E])` as a pure function of the logits; this class
+  masks the padding, adds group sizes, losses and metrics, so every router returns the same
+  `Routing`.
+  """
+
+  def __init__(self, d_model: int, num_experts: int, top_k: int, *, rngs: nnx.Rngs,
+               param_dtype=jnp.float32):
+    self.num_experts, self.top_k = num_experts, top_k
+    self.gate = logical_param(rngs, (d_model, num_experts), d_model ** -0.5,
+                              ("embed", "expert"), param_dtype)
+
+  def logits(self, x: jax.Array, *, train: bool, rng: jax.Array | None) -> jax.Array:
+    """x: [T, D] -> router logits [T, E] in float32."""
+    del train, rng
+    return jnp.dot(x.astype(jnp.float32), self.gate[...].astype(jnp.float32))
+
+  def decide(self, logits, *, train, rng):
+    raise NotImplementedError
+
+  def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool = False,
+               rng: jax.Array | None = None, balance_groups: int = 1) -> Routing:
+    """x: [T, D], token_mask: [T] bool (False: padding, not routed) -> Routing.
+
+    `balance_groups` n > 1 computes the load-balancing loss per group of T/n consecutive
+    tokens (per device) and averages it (see `balance.load_balancing_loss`).
+    """
+    if rng is not None:
+      rng_logits, rng_decide = jax.random.split(rng)
+    else:
+      rng_logits = rng_decide = None
+    logits = self.logits(x, train=train, rng=rng_logits)
+    expert_index, combine_weights, probs = self.decide(logits, train=train, rng=rng_decide)
+    if token_mask is not None:
+      expert_index = jnp.where(token_mask[:, None], expert_index, self.num_experts)
+      combine_weights = jnp.where(token_mask[:, None], combine_weights, 0.0)
+    else:
+      token_mask = jnp.ones(x.shape[:1], bool)
+    # The sentinel E falls outside `length` and is not counted.
+    group_sizes = jnp.bincount(expert_index.reshape(-1), length=self.num_experts).astype(jnp.int32)
+    return Routing(
+        expert_index=expert_index.astype(jnp.int32),
+        combine_weights=combine_weights.astype(jnp.float32),
+        group_sizes=group_sizes,
+        router_probs=probs,
+        token_mask=token_mask,
+        aux_losses={"lb_loss": balance.load_balancing_loss(probs, expert_index, token_mask,
+                                                           balance_groups),
+                    "z_loss": balance.router_z_loss(logits, token_mask)},
+        metrics=balance.routing_metrics(probs, group_sizes, token_mask),
+    )
