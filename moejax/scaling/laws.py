@@ -85,6 +85,17 @@ class Law:
       raw = jnp.asarray(self.to_raw(params), jnp.float64)
       return np.exp(np.asarray(self.log_loss(raw, logx)))
 
+  def tie_fixed(self, raw: list, fixed: Mapping[str, float], xp) -> list:
+    """The raw coordinates [P] (a list of scalars, numpy or jax by `xp`) with those of the
+    `fixed` paper parameters made consistent with the others, for `FixedParams`.
+
+    By default each parameter's coordinate depends on that parameter alone, so the constant
+    coordinate `FixedParams` put in place is already right. Laws whose coordinates couple
+    parameters (Clark's E_max = E_start + exp(t)) override this.
+    """
+    del fixed, xp
+    return raw
+
   def check_params(self, params: Mapping[str, float]) -> None:
     """Raises ValueError unless `params` has exactly the paper's names."""
     if set(params) != set(self.param_names):
@@ -98,8 +109,12 @@ class Kaplan(Law):
 
       L(N, D) = [ (N_c / N)^(alpha_N / alpha_D) + D_c / D ]^alpha_D
 
-  N non-embedding parameters, D tokens. Published: alpha_N = 0.076, alpha_D = 0.095,
-  N_c = 8.8e13, D_c = 5.4e13 (their Table 2, as commonly quoted).
+  N non-embedding parameters, D tokens. Published fit of this equation: their Table 2 ("Fits to
+  L(N, D)", Sec. 4.2): alpha_N = 0.076, alpha_D = 0.103, N_c = 6.4e13, D_c = 1.8e13. The values
+  often quoted with it, alpha_N = 0.076, N_c = 8.8e13 and alpha_D = 0.095, D_c = 5.4e13, are
+  the one-variable fits L(N) and L(D) of their Eqs. (1.1) and (1.2) (Sec. 1.2); the paper notes
+  the two sets differ because Table 2 fits the full L(N, D). Checked against the paper's text
+  (Sec. 1.2, Sec. 4.2 and Table 2).
   """
   name = "kaplan"
   variables = ("N", "D")
@@ -107,7 +122,7 @@ class Kaplan(Law):
   raw_names = ("log_N_c", "log_D_c", "alpha_N", "alpha_D")
   formula = "L = [(N_c/N)^(alpha_N/alpha_D) + D_c/D]^alpha_D"
   paper, arxiv = "Scaling Laws for Neural Language Models", "2001.08361"
-  published = {"N_c": 8.8e13, "D_c": 5.4e13, "alpha_N": 0.076, "alpha_D": 0.095}
+  published = {"N_c": 6.4e13, "D_c": 1.8e13, "alpha_N": 0.076, "alpha_D": 0.103}   # Table 2
   start_values = {"log_N_c": (20.0, 26.0, 32.0, 38.0), "log_D_c": (20.0, 26.0, 32.0, 38.0),
                   "alpha_N": (0.03, 0.1, 0.3), "alpha_D": (0.03, 0.1, 0.3)}
 
@@ -208,6 +223,16 @@ class FineGrained(Law):
     return _lse(log_c, log_g - gamma * lg - alpha * ln, log_a - alpha * ln, log_b - beta * ld)
 
 
+def _tie_e_max(raw: list, fixed: Mapping[str, float], i_start: int, i_max: int, xp) -> list:
+  """With E_max fixed, its coordinate t = log(E_max - E_start) follows the current E_start =
+  1 + exp(raw[i_start]) (NaN once E_start >= E_max, which the fitter scores as inf)."""
+  if "E_max" not in fixed:
+    return raw
+  raw = list(raw)
+  raw[i_max] = xp.log(fixed["E_max"] - (1.0 + xp.exp(raw[i_start])))
+  return raw
+
+
 def clark_expert_transform(num_experts, e_start, e_max):
   """Saturating expert count of Clark et al. (2022), "Unified Scaling Laws for Routed Language
   Models", arXiv:2202.01169:
@@ -273,6 +298,9 @@ class Clark(Law):
                        "allowed: expected 1 < E_start < E_max")
     return np.array([p["a"], p["b"], p["c"], p["d"], math.log(p["E_start"] - 1.0),
                      math.log(p["E_max"] - p["E_start"])])
+
+  def tie_fixed(self, raw, fixed, xp):
+    return _tie_e_max(raw, fixed, 4, 5, xp)
 
   def log_loss(self, raw, logx):
     a, b, c, d = raw[0], raw[1], raw[2], raw[3]
@@ -367,6 +395,9 @@ class JointMoE(Law):
       raw += [math.log(p["E_start"] - 1.0), math.log(p["E_max"] - p["E_start"])]
     return np.array(raw)
 
+  def tie_fixed(self, raw, fixed, xp):
+    return _tie_e_max(raw, fixed, 9, 10, xp) if self.fit_expert_transform else raw
+
   def log_loss(self, raw, logx):
     log_a, alpha, gamma, delta, log_b, beta, zeta, omega, log_c = (raw[i] for i in range(9))
     if self.fit_expert_transform:
@@ -388,8 +419,10 @@ class FixedParams(Law):
   the fine-grained law when the data's entropy is known (Hoffmann et al. 2022, arXiv:2203.15556,
   Sec. 3.3 discuss E as the entropy of natural text). Each fixed parameter must map to one raw
   coordinate (the raw vector lists the parameters in the same order, as every registered law
-  does for its own parameters). `params`, `to_params` and `to_raw` speak of the free parameters
-  only; `fixed` holds the others.
+  does for its own parameters); where a raw coordinate couples parameters (Clark's and joint_moe's
+  E_max = E_start + exp(t)), `Law.tie_fixed` recomputes it from the free ones at every
+  evaluation, so a fixed E_max stays E_max whatever E_start the fit moves to. `params`,
+  `to_params` and `to_raw` speak of the free parameters only; `fixed` holds the others.
   """
 
   def __init__(self, law: Law, **fixed: float):
@@ -420,12 +453,20 @@ class FixedParams(Law):
     xp = np if isinstance(raw, np.ndarray) else jnp
     free = {int(i): j for j, i in enumerate(self._free_idx)}
     fixed = {int(i): float(v) for i, v in zip(self._fixed_idx, self._fixed_raw)}
-    return xp.stack([raw[free[i]] if i in free else xp.asarray(fixed[i], raw.dtype)
-                     for i in range(len(self.base.raw_names))])
+    full = [raw[free[i]] if i in free else xp.asarray(fixed[i], raw.dtype)
+            for i in range(len(self.base.raw_names))]
+    # Coupled coordinates (Clark's E_max) follow the free ones, so the fixed value holds exactly.
+    full = self.base.tie_fixed(full, self.fixed, xp)
+    return xp.stack([xp.asarray(v, raw.dtype) for v in full])
 
   def to_params(self, raw):
     p = self.base.to_params(self._full(np.asarray(raw, np.float64)))
     return {k: p[k] for k in self.param_names}
+
+  def base_params(self, raw) -> dict[str, float]:
+    """Free raw [P_free] -> all of the base law's parameters as its loss uses them (the fixed
+    ones equal `fixed` up to float64 rounding)."""
+    return self.base.to_params(self._full(np.asarray(raw, np.float64)))
 
   def to_raw(self, params):
     self.check_params(params)
