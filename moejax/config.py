@@ -177,6 +177,8 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
          t.weight_decay, "a number >= 0")
   _check(_is_number(t.grad_clip) and t.grad_clip > 0, "train.grad_clip", t.grad_clip,
          "a number > 0")
+  from moejax.train_checks import validate_train_faults  # noqa: PLC0415  (NaN policy, timeouts)
+  validate_train_faults(config)
 
   _check(source_name(config.data.source) in SOURCES, "data.source", config.data.source,
          f"one of {sorted(SOURCES)} (tfds:<name>[/<config>], array_record:<glob>)")

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import ml_collections
 
-try:   # the shared error module; older checkouts keep ConfigError in moejax.config
-  from moejax.errors import ConfigError
-except ImportError:  # pragma: no cover
-  from moejax.config import ConfigError
+from moejax.errors import ConfigError
 
 NAN_POLICIES = ("halt", "skip")
 
 
 def _int_at_least(t, name: str, low: int) -> None:
-  v = t.get(name) if name in t else None
   if name not in t:
     raise ConfigError(f"train.{name}", None, "a value (the field is missing)")
+  v = t[name]
   if not isinstance(v, int) or isinstance(v, bool) or v < low:
     raise ConfigError(f"train.{name}", v, f"an integer >= {low}")
 
