@@ -141,7 +141,7 @@ def test_clark_transform_properties():
 
 
 def test_unknown_law_and_bad_params_are_named():
-  with pytest.raises(ValueError, match=r"law = 'chinchila'.*chinchilla"):
+  with pytest.raises(ValueError, match=r"law` = 'chinchila'.*chinchilla"):
     get_law("chinchila")
   with pytest.raises(ValueError, match=r"params of law 'chinchilla'.*\['E', 'A', 'B', 'alpha'"):
     get_law("chinchilla").loss({"E": 1.0}, N=1e9, D=1e10)

@@ -17,6 +17,8 @@ from typing import Callable
 from moejax.data.base import SPLITS, IndexedSource, check_split
 from moejax.data.synthetic import MarkovMixture, SyntheticSource
 from moejax.data.text import TextSource
+from moejax.errors import ConfigError
+from moejax.registry import Registry
 
 
 def _grain_source(documents_fn_name: str) -> Callable:
@@ -38,19 +40,17 @@ def _grain_source(documents_fn_name: str) -> Callable:
 
 
 # name -> factory(config, split); the name is config.data.source up to its first ':'.
-SOURCES: dict[str, Callable[..., IndexedSource]] = {
+SOURCES = Registry("data.source", {
     "synthetic": SyntheticSource.from_config,
     "text": TextSource.from_config,
     "tfds": _grain_source("tfds_documents"),
     "array_record": _grain_source("array_record_documents"),
-}
+})
 
 
 def register_source(name: str, factory: Callable[..., IndexedSource]) -> None:
   """Adds a source `factory(config, split)` under `name` (a value of config.data.source)."""
-  if name in SOURCES:
-    raise ValueError(f"data.source: {name!r} is already registered")
-  SOURCES[name] = factory
+  SOURCES.register(name, factory)
 
 
 def source_name(source: str) -> str:
@@ -67,8 +67,8 @@ def make_source(config, split: str) -> IndexedSource:
   source = config.data.get("source", "synthetic")
   name = source_name(source)
   if name not in SOURCES:
-    raise ValueError(f"data.source: got {source!r}; allowed: {', '.join(sorted(SOURCES))} "
-                     f"(tfds:<name>[/<config>], array_record:<glob>)")
+    raise ConfigError("data.source", source, f"one of {sorted(SOURCES)} "
+                      "(tfds:<name>[/<config>], array_record:<glob>)")
   return SOURCES[name](config, split)
 
 

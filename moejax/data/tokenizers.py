@@ -13,12 +13,12 @@ arXiv:1808.06226), e.g. one trained with `python -m moejax.data.train_tokenizer`
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 
 from moejax.data import base
 from moejax.data.text import BYTE_VOCAB
+from moejax.registry import Registry
 
 
 class ByteTokenizer:
@@ -98,10 +98,10 @@ class SentencePieceTokenizer:
 
 
 # name (a value of config.data.tokenizer) -> factory(config).
-TOKENIZERS: dict[str, Callable] = {
+TOKENIZERS = Registry("data.tokenizer", {
     "byte": ByteTokenizer.from_config,
     "sentencepiece": SentencePieceTokenizer.from_config,
-}
+})
 
 
 def make_tokenizer(config):
@@ -111,9 +111,7 @@ def make_tokenizer(config):
   tokenizer's vocabulary does not fit in the model's embedding table.
   """
   name = config.data.get("tokenizer", "byte")
-  if name not in TOKENIZERS:
-    raise ValueError(f"data.tokenizer: got {name!r}; allowed: one of {sorted(TOKENIZERS)}")
-  tokenizer = TOKENIZERS[name](config)
+  tokenizer = TOKENIZERS[name](config)   # an unknown name: ConfigError naming data.tokenizer
   vocab = config.model.vocab_size
   if isinstance(vocab, bool) or not isinstance(vocab, (int, np.integer)) or (
       vocab < tokenizer.vocab_size):

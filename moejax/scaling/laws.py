@@ -18,19 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LAWS: dict[str, "Law"] = {}
+from moejax.registry import Registry
+
+LAWS = Registry("law")
 
 
 def register(cls):
   """Class decorator: adds an instance of `cls` to `LAWS` under `cls.name`."""
-  LAWS[cls.name] = cls()
+  LAWS.register(cls.name, cls())
   return cls
 
 
 def get_law(name: str) -> "Law":
-  """The registered law called `name`; raises ValueError naming the allowed names otherwise."""
-  if name not in LAWS:
-    raise ValueError(f"law = {name!r} is not allowed: expected one of {sorted(LAWS)}")
+  """The registered law called `name`; raises ConfigError (a ValueError) naming the allowed
+  names otherwise."""
   return LAWS[name]
 
 

@@ -54,16 +54,24 @@ class Routing:
 def top_k_lowest_index(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Top-k over the last axis, ties broken towards the lower expert index.
 
-  `jax.lax.top_k` already returns equal values in index order; this function is the one place
-  that promise is relied on (and tested), so every router shares it.
+  K rounds of argmax (which returns the first, lowest-index maximum), each masking the expert
+  it took. Unlike `jax.lax.top_k`, which GSPMD all-gathers over a sharded token axis (every
+  device then ranks the whole global batch), argmax is a reduction over E alone, so each device
+  routes only its own tokens. The scores must be finite (router logits and probabilities are).
 
   Args:
     scores: [T, E] float32.
   Returns:
     (values [T, K], indices [T, K] int32).
   """
-  values, indices = jax.lax.top_k(scores, k)
-  return values, indices.astype(jnp.int32)
+  num_experts = scores.shape[-1]
+  masked, values, indices = scores, [], []
+  for _ in range(k):
+    index = jnp.argmax(masked, axis=-1).astype(jnp.int32)                         # [T]
+    values.append(jnp.take_along_axis(scores, index[:, None], axis=-1)[:, 0])
+    indices.append(index)
+    masked = jnp.where(jax.nn.one_hot(index, num_experts, dtype=bool), -jnp.inf, masked)
+  return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
 class Router(nnx.Module):
