@@ -97,7 +97,7 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   _check(m.param_dtype in _DTYPES, "model.param_dtype", m.param_dtype, f"one of {_DTYPES}")
   _check(m.moe_every <= m.num_layers, "model.moe_every", m.moe_every,
          f"0 (dense) or at most model.num_layers={m.num_layers}")
-  _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "a positive number")
+  _check(_is_number(m.rope_theta) and m.rope_theta > 0, "model.rope_theta", m.rope_theta, "a positive number")
   _check(moe.top_k <= moe.num_experts, "model.moe.top_k", moe.top_k,
          f"at most model.moe.num_experts={moe.num_experts}")
   _check(m.d_ff % moe.granularity == 0, "model.moe.granularity", moe.granularity,
