@@ -343,3 +343,26 @@ def test_expert_parallel_flops_with_average_buffers(mesh_name, mode):
   one = _one_device("dropless")
   _, _, flops = _compile(_step_config(mode, MESHES[mesh_name], factor=1.0), 8)
   assert flops * 8 <= FLOPS_BOUND * one["flops"], flops * 8 / one["flops"]
+
+
+def test_balance_statistics_per_device_or_global():
+  """model.moe.balance_stats: "global" is the one-device loss on any mesh (checked above);
+  "device" is the mean of the loss each of the 8 batch shards computes from its own tokens."""
+  x, ids, cot = _inputs()
+  model = _layer_model("dropless", **{"moe.balance_stats": "device"})
+  layer = _layer(model, _mesh(MESHES["data8"]))
+  spec = NamedSharding(layer.plan.mesh, P("data"))
+  out = _layer_outputs(*nnx.split(layer), *(jax.device_put(a, spec) for a in (x, ids, cot)))
+  got = float(out[2]["lb_loss"])
+  x64 = np.asarray(x, np.float64).reshape(8, -1, D)          # the 8 shards' tokens
+  gate = np.asarray(layer.router.gate[...], np.float64)
+  e, k = 8, 2
+  per_shard = []
+  for xs in x64:
+    idx, _, probs, _ = ref.route(xs @ gate, "topk", k)
+    f = np.bincount(idx.ravel(), minlength=e) / idx.size
+    per_shard.append(e * np.sum(f * probs.mean(0)))
+  np.testing.assert_allclose(got, np.mean(per_shard), rtol=1e-5)
+  idx, _, probs, _ = ref.route(x64.reshape(-1, D) @ gate, "topk", k)
+  f = np.bincount(idx.ravel(), minlength=e) / idx.size
+  assert abs(got - e * np.sum(f * probs.mean(0))) > 1e-4   # the two scopes differ here
