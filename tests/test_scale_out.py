@@ -148,6 +148,17 @@ def test_capacity_drops_are_those_of_one_device():
 # ----------------------------------------------------------------------------- overflow
 
 
+def _reference_output(layer, x64, idx, weights, keep):
+  """Float64 layer output: shared experts plus every kept copy's weighted expert FFN."""
+  w = {n: np.asarray(p[...], np.float64) for n, p in layer.experts.w.items()}
+  shared = {n: np.asarray(p[...], np.float64) for n, p in layer.shared.w.items()}
+  y = ref.ffn(x64, shared, "swiglu")
+  for t, slot in zip(*np.nonzero(keep)):
+    expert = {n: v[idx[t, slot]] for n, v in w.items()}
+    y[t] += weights[t, slot] * ref.ffn(x64[t:t + 1], expert, "swiglu")[0]
+  return y
+
+
 def _a2a_kept(idx, num_experts, blocks, ep, rows):
   """Python model of the all-to-all buffers: in each device's block of tokens, copies in
   (expert, token, slot) order; each destination shard takes the first `rows` of its copies."""
@@ -199,14 +210,8 @@ def test_expert_parallel_overflow_drops_what_the_buffers_predict(exchange):
   dropped = int((~keep).sum())
   assert 0 < dropped < idx.size
   assert float(metrics["dropped_frac"]) == pytest.approx(dropped / idx.size, abs=1e-7)
-  w = {n: np.asarray(p[...], np.float64) for n, p in layer.experts.w.items()}
-  shared = {n: np.asarray(p[...], np.float64) for n, p in layer.shared.w.items()}
-  want = ref.ffn(x64, shared, "swiglu")
-  for t, slot in zip(*np.nonzero(keep)):
-    e_ts = idx[t, slot]
-    want[t] += weights[t, slot] * ref.ffn(x64[t:t + 1], {n: v[e_ts] for n, v in w.items()},
-                                           "swiglu")[0]
-  np.testing.assert_allclose(y.reshape(-1, D), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(y.reshape(-1, D), _reference_output(layer, x64, idx, weights, keep),
+                             rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- padding
@@ -233,13 +238,8 @@ def test_padding_is_not_routed():
   idx = np.where(routed[:, None], idx, e)
   cap = expert_capacity(model.moe.routing_group, e, k, model.moe.capacity_factor)
   keep = ref.capacity_keep(idx, e, model.moe.routing_group, cap)
-  w = {n: np.asarray(p[...], np.float64) for n, p in layer.experts.w.items()}
-  shared = {n: np.asarray(p[...], np.float64) for n, p in layer.shared.w.items()}
-  want = ref.ffn(x64, shared, "swiglu")
-  for t, slot in zip(*np.nonzero(keep)):
-    want[t] += weights[t, slot] * ref.ffn(x64[t:t + 1], {n: v[idx[t, slot]] for n, v in w.items()},
-                                           "swiglu")[0]
-  np.testing.assert_allclose(y.reshape(-1, D), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(y.reshape(-1, D), _reference_output(layer, x64, idx, weights, keep),
+                             rtol=1e-4, atol=1e-5)
   # Losses and metrics over the routed tokens only.
   f = np.bincount(idx[routed].ravel(), minlength=e) / (routed.sum() * k)
   p = probs[routed].mean(0)
