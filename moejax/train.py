@@ -184,10 +184,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   reaching step `stop_after`; running again with the same workdir resumes exactly. `sources`
   ({split: source}, from `data.make_sources`) saves building the data again when the caller
   already did. Returns the run summary (see `metrics.format_summary`).
+
+  Faults (moejax/faults.py): a NaN/Inf step raises `faults.NonFiniteError` or is skipped
+  (`train.nan_policy`); on several processes a SIGTERM to any of them stops all after the same
+  step (agreed every `train.preemption_check_every` steps), and a dead peer raises
+  `faults.PeerLostError`; a failed save raises `checkpoint.CheckpointWriteError`.
   """
-  from moejax import faults, train_checks  # noqa: PLC0415  (fault handling, moejax/faults.py)
+  from moejax import faults  # noqa: PLC0415  (fault handling, moejax/faults.py)
   validate(config)
-  train_checks.validate_train_faults(config)
   t = config.train
   # Host-side data first: a bad data field fails before anything is compiled.
   sources = data.make_sources(config) if sources is None else sources

@@ -1,8 +1,9 @@
 """Faults of a two-process `jax.distributed` CPU job (tests/multihost_worker.py, 4 simulated
 devices each): a SIGTERM to one process stops both after the same agreed step, both save it and
 exit 0, and training on from that checkpoint gives the losses of an uninterrupted run; a SIGKILL
-to one process makes the other exit non-zero with a PeerLostError naming the last complete
-checkpoint, within a bounded time, and that checkpoint restores."""
+to one process makes the other exit non-zero within the heartbeat timeout, with a PeerLostError
+naming the last complete checkpoint (or, when it was blocked in a barrier, the coordination
+service's abort naming the dead task), and that checkpoint restores."""
 import json
 import os
 import signal
@@ -91,14 +92,21 @@ def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
   killed = time.time()
   out = procs[0].communicate(timeout=120)[0]
   took = time.time() - killed
-  assert procs[0].returncode == faults.EXIT_PEER_LOST, out[-3000:]
+  print(f"survivor exit code {procs[0].returncode} after {took:.1f} s")   # shown with -s
   # Bounded: at once when the next collective fails, never later than the heartbeat timeout.
   assert took < overrides["train.heartbeat_timeout_s"] + 5, took
   steps, others = _steps(two)
   assert steps and steps[-1] >= 2, steps
-  line = [ln for ln in out.splitlines() if ln.startswith("PeerLostError")]
-  assert line and "another process died" in line[0], out[-3000:]
-  assert f"Latest complete checkpoint: step {steps[-1]} in " in line[0], (line, steps)
+  if procs[0].returncode == faults.EXIT_PEER_LOST:
+    # Its collective failed (gloo saw the reset connection): moejax's message.
+    line = [ln for ln in out.splitlines() if ln.startswith("PeerLostError")]
+    assert line and "another process died" in line[0], out[-3000:]
+    assert f"Latest complete checkpoint: step {steps[-1]} in " in line[0], (line, steps)
+  else:
+    # Blocked where nothing fails (an orbax save's barrier): the coordination service aborts it
+    # once the peer misses heartbeats for train.heartbeat_timeout_s, with its own message.
+    assert procs[0].returncode == -signal.SIGABRT, (procs[0].returncode, out[-3000:])
+    assert "another task died" in out and "stopped sending heartbeats" in out, out[-3000:]
   # The last complete checkpoint restores; an unfinished save is never listed as a step.
   assert all("orbax-checkpoint-tmp" in n for n in others), others
   config = load_config(**overrides)
