@@ -3,8 +3,8 @@ dead peer. Used by `moejax.train.train_and_evaluate`; the timeouts are documente
 
 Non-finite values (`train.nan_policy`)
   The train step runs inside `guarded_step`, which also checks on the device that the step's
-  metrics (loss, aux loss, grad norm, per-layer MoE metrics) and the updated parameters are
-  finite, and keeps the first bad step's metrics in a small
+  metrics (loss, aux loss, global grad norm, per-layer MoE metrics) are finite, and keeps the
+  first bad step's metrics in a small
   replicated `guard` dict. The host reads the guard only where it syncs anyway (log, eval and
   checkpoint steps, a stop), so dispatch stays asynchronous and the step named is still exact.
   - `halt` (default): `NonFiniteError` naming the step, the batch's index in the train stream,
@@ -84,7 +84,10 @@ def guarded_step(train_step: Callable, *, skip: bool) -> Callable:
 
   def step(state, guard, batch):
     new, out = train_step(state, batch)
-    ok = _all_finite(out) & _all_finite(new["params"])
+    # The metrics are replicated scalars, so this costs no collective; they cover the whole
+    # update: a non-finite gradient anywhere makes train/grad_norm non-finite, and a finite
+    # clipped gradient gives a finite AdamW update.
+    ok = _all_finite(out)
     first = (guard["first_bad_step"] == 0) & ~ok
     pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(first, x, y), a, b)
     in_row = jnp.where(ok, 0, guard["in_row"] + 1)

@@ -298,9 +298,9 @@ def _halt_if_nonfinite(nan_host: dict, t, ckpt, writer) -> None:
   writer.close()
   latest = ckpt.latest_step()
   raise faults.NonFiniteError(
-      f"{report}. Nothing was saved after the bad step; the latest checkpoint is "
-      + (f"step {latest} in {ckpt.directory}" if latest is not None else "none")
-      + " (a restart resumes from it).")
+      f"{report}. Nothing was saved after the bad step; "
+      + (f"the latest checkpoint is step {latest} in {ckpt.directory} (a restart resumes from it)"
+         if latest is not None else f"there is no checkpoint yet in {ckpt.directory}") + ".")
 
 
 def _primary_process() -> bool:

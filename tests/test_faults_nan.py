@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moejax.model
 import moejax.train
 from moejax import checkpoint, faults
 from moejax.metrics import read_metrics
@@ -19,6 +20,15 @@ from moejax.train import Trainer, train_and_evaluate
 from test_train import tiny_config
 
 POISONED = "blocks/1/attn/wq"
+
+
+@jax.custom_vjp
+def _nan_gradient(x):
+  """The identity, whose gradient is NaN: a fault of the backward pass only."""
+  return x
+
+
+_nan_gradient.defvjp(lambda x: (x, None), lambda _, g: (g * jnp.nan,))
 
 
 def _poisoning_trainer(bad_steps):
@@ -74,6 +84,23 @@ def test_halt_names_the_step_layer_and_batch_and_keeps_the_last_good_checkpoint(
   summary = train_and_evaluate(config, workdir, progress=False)
   assert summary["step"] == 8 and np.isfinite(summary["eval/loss"])
   assert sorted(r["step"] for r in read_metrics(workdir) if "train/loss" in r) == [3, 6, 8]
+
+
+def test_halt_on_a_gradient_that_alone_is_non_finite(tmp_path, monkeypatch):
+  """A NaN only in the backward pass (every RMSNorm passes a NaN gradient; the loss and the
+  layer metrics stay finite) is caught by the global gradient norm, and named so."""
+  config = tiny_config(**{"train.steps": 4, "train.checkpoint_every": 1, "train.eval_every": 100})
+  forward = moejax.model.RMSNorm.__call__
+  monkeypatch.setattr(moejax.model.RMSNorm, "__call__",
+                      lambda self, x: _nan_gradient(forward(self, x)))
+  with pytest.raises(faults.NonFiniteError) as e:
+    train_and_evaluate(config, str(tmp_path), progress=False)
+  msg = str(e.value)
+  assert "non-finite values at step 1" in msg and "batch 0 of" in msg, msg
+  assert "first non-finite metric: train/grad_norm = nan" in msg, msg
+  assert "first MoE layer with a non-finite metric: none" in msg, msg
+  assert "there is no checkpoint yet" in msg, msg
+  assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()]
 
 
 def test_skip_drops_exactly_the_bad_updates_and_halts_past_the_limit(tmp_path, monkeypatch):
