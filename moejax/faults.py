@@ -175,13 +175,15 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, *,
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None, *,
                            heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
                            initialization_timeout_s: int = 300) -> None:
   """`jax.distributed.initialize` with the timeouts of the module doc: a process that stops
   sending heartbeats for `heartbeat_timeout_s` seconds is declared dead and every other process
   is aborted (jax's default is 100 s); processes that have not all joined after
-  `initialization_timeout_s` fail to start."""
+  `initialization_timeout_s` fail to start. With no coordinator, process count or id, jax
+  finds them itself (TPU VMs, SLURM, Open MPI)."""
   for name, v in (("heartbeat_timeout_s", heartbeat_timeout_s),
                   ("initialization_timeout_s", initialization_timeout_s)):
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:

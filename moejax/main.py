@@ -11,12 +11,23 @@ from moejax.config import validate
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints and metrics go here.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Several hosts: join them with jax.distributed before anything touches "
+    "a device (auto-detected on TPU VMs, SLURM and Open MPI; or give the three flags below).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (implies --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   config = _CONFIG.value
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    from moejax import faults  # noqa: PLC0415
+    faults.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                  heartbeat_timeout_s=config.train.heartbeat_timeout_s)
   try:
     validate(config)
     # Data fields are checked by building the host-side sources (no JAX work).
