@@ -1,7 +1,7 @@
 """Validation of the fault-handling fields of `config.train` (moejax/faults.py).
 
 `validate_train_faults(config)` raises `ConfigError(field, value, allowed)` before anything is
-traced; `moejax.config.validate` calls it, and so does `train.train_and_evaluate`.
+traced; `moejax.config.validate` calls it.
 
 Not a paper implementation: infrastructure for the training loop (issue 10).
 """
