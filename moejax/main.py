@@ -24,8 +24,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   config = _CONFIG.value
+  from moejax import faults  # noqa: PLC0415
   if _DISTRIBUTED.value or _COORDINATOR.value:
-    from moejax import faults  # noqa: PLC0415
     faults.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                   heartbeat_timeout_s=config.train.heartbeat_timeout_s)
   try:
@@ -37,7 +37,10 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   # A bad flag has failed by now, before anything was compiled.
   from moejax import metrics, train
-  summary = train.train_and_evaluate(config, _WORKDIR.value, sources=sources)
+  # A dead peer ends this process at once with a clear message (exit code 75), instead of a
+  # wait in jax's shutdown barrier (moejax/faults.py).
+  with faults.exit_on_peer_loss():
+    summary = train.train_and_evaluate(config, _WORKDIR.value, sources=sources)
   print("\n" + metrics.format_summary(summary))
 
 
