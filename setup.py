@@ -41,6 +41,11 @@ EXTRAS = {
     "notebooks": [
         "jupyterlab>=4.0",
     ],
+    # Optional gmm backend `tokamax` (Google's Pallas kernels, tokamax.ragged_dot); installs beside
+    # jax 0.10.2 (needs jax>=0.9.2; adds pydantic, qwix, jaxtyping, einshape, typeguard 2.13.3).
+    "tokamax": [
+        "tokamax>=0.0.12",
+    ],
 }
 
 setup(

@@ -1,30 +1,40 @@
-"""Speed of one MoE layer relative to a dense SwiGLU FFN with the same active FLOPs per token.
+"""Speed and memory of one MoE layer against a dense SwiGLU FFN with the same active FLOPs per
+token, for every grouped-matmul backend, all in one run.
 
 For each MoE shape this times forward+backward (`jax.value_and_grad` of a scalar loss with
-respect to the layer's parameters *and* its input, under `jax.jit`) of
-  - `moejax.layers.MoELayer` with dropless dispatch, once per registered grouped-matmul backend
-    (`moejax.kernels.GMM_BACKENDS`: `ragged_dot` is `jax.lax.ragged_dot`, `blocked` the
-    MegaBlocks-style padded row tiles of arXiv:2211.15841),
+respect to the parameters *and* the input, under `jax.jit`) of
+  - `dense`: the fastest dense SwiGLU we can write in JAX, `jax.nn.silu(x @ g) * (x @ u) @ d` on
+    [T, D] ("GLU Variants Improve Transformer", Shazeer 2020, arXiv:2002.05202), width K * F/G;
+    every ratio is to this one,
+  - `dense_module`: the same FFN as moejax's `MLP` module on [1, T, D] (what the layer's shared
+    experts use), for comparison,
+  - the MoE layer (`MoELayer`) with dropless dispatch, once per grouped-matmul backend in
+    `moejax.kernels.GMM_BACKENDS` (MegaBlocks' grouped GEMM, arXiv:2211.15841),
   - the same layer with capacity dispatch (GShard one-hot einsums, arXiv:2006.16668),
-  - a dense SwiGLU FFN (`moejax.experts.MLP`, arXiv:2002.05202) of width K*G * F/G, which does
-    the same expert FLOPs per token as the MoE layer (the "active" FLOPs),
-all in the same process, and prints MoE time / dense time (1.0 would be a free router and free
-dispatch) together with the absolute milliseconds.
+with the timed runs interleaved, and reports milliseconds, achieved GFLOP/s of the active
+FLOPs (6 * T * D * W per matrix: forward and two backward matmuls), the ratio to `dense` and to
+every other case, and the peak memory XLA planned for each compiled step
+(`compiled.memory_analysis()`: arguments + outputs + temporaries - aliased; on a GPU also
+`device.memory_stats()["peak_bytes_in_use"]` after the runs).
 
-Shapes (E, K after granularity G is applied; "Scaling Laws for Fine-Grained Mixture of Experts",
-Krajewski et al. 2024, arXiv:2402.07871):
-  - E=8,  K=2, expert width F        (Mixtral-like; dense width 2F)
-  - E=64, K=8, expert width F/8      (num_experts=8, top_k=1, granularity=8; dense width F)
+Shapes (E, K after granularity G is applied; Krajewski et al. 2024, arXiv:2402.07871):
+  - coarse: E=8,  K=2, expert width F        (Mixtral-like; dense width 2F)
+  - fine:   E=64, K=8, expert width F/8      (num_experts=8, top_k=1, granularity=8; width F)
 
-    python benchmarks/moe_layer.py            # default sizes, about a minute on 2 CPU cores
+    python benchmarks/moe_layer.py            # T=1024, D=128, d_ff=256, about a minute on 2 cores
+    python benchmarks/moe_layer.py --issue    # T=4096, D=512, d_ff=1024: issue 9's CPU goals
     python benchmarks/moe_layer.py --quick    # tiny sizes, a smoke test (seconds)
     python benchmarks/moe_layer.py --gpu      # T=16384, D=1024, F=4096, bfloat16: fills one GPU
-    python benchmarks/moe_layer.py --backends blocked   # only some gmm backends
+    python benchmarks/moe_layer.py --backends blocked chunked --json out.json
+
+On the CPU the `pallas` backend runs in the Pallas interpreter (correct, far too slow to time at
+these sizes), so it is left out there unless named in --backends.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -42,43 +52,48 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moejax.config import load_config_file  # noqa: E402
-from moejax.config import moe_dims  # noqa: E402
-from moejax.experts import MLP  # noqa: E402
 from moejax.kernels import GMM_BACKENDS  # noqa: E402
-from moejax.layers import MoELayer  # noqa: E402
+
+try:                                   # the MoE core's home since the moejax/moe/ move
+  from moejax.moe import MLP, MoELayer, moe_dims  # noqa: E402
+except ImportError:                    # before it
+  from moejax.config import moe_dims  # noqa: E402
+  from moejax.experts import MLP  # noqa: E402
+  from moejax.layers import MoELayer  # noqa: E402
 
 # name -> (num_experts, top_k, granularity) before granularity is applied.
 SHAPES = {
-    "E=8 K=2": (8, 2, 1),
-    "E=64 K=8 (G=8)": (8, 1, 8),
+    "coarse E=8 K=2": (8, 2, 1),
+    "fine E=64 K=8": (8, 1, 8),
 }
 
 
-def load_default_config():
-  """configs/default.py's `get_config()`."""
-  return load_config_file(os.path.join(REPO, "configs", "default.py"))
-
-
 def model_config(d_model: int, d_ff: int, num_experts: int, top_k: int, granularity: int,
-                 dispatch: str, group_size: int, capacity_factor: float,
+                 dispatch: str, routing_group: int, capacity_factor: float,
                  gmm_backend: str = "ragged_dot", dtype: str = "float32"):
-  """The default `config.model` with the MoE fields of one benchmark case overridden
-  (parameters stay float32; `dtype` is the compute dtype)."""
-  m = load_default_config().model
+  """configs/default.py's `model` with one benchmark case's MoE fields (parameters float32,
+  `dtype` the compute dtype)."""
+  m = load_config_file(os.path.join(REPO, "configs", "default.py")).model
   m.d_model, m.d_ff, m.dtype = d_model, d_ff, dtype
   m.moe.num_experts, m.moe.top_k, m.moe.granularity = num_experts, top_k, granularity
-  m.moe.dispatch, m.moe.group_size, m.moe.capacity_factor = dispatch, group_size, capacity_factor
+  m.moe.dispatch, m.moe.capacity_factor = dispatch, capacity_factor
+  m.moe["routing_group" if "routing_group" in m.moe else "group_size"] = routing_group
   m.moe.gmm_backend = gmm_backend
   m.moe.num_shared_experts = 0
   return m
 
 
-def fwd_bwd_fn(module: nnx.Module):
-  """A jitted fn(state, x [1, T, D]) -> (loss, (d state, d x)) for `module`.
+def _dims(m):
+  """(E, K, F/G) of a model config, across moe_dims' old and new field names."""
+  d = moe_dims(m)
+  return (getattr(d, "experts", None) or d.num_experts,
+          getattr(d, "experts_per_token", None) or d.top_k, d.expert_width)
 
-  The loss is mean(y^2) (+ the router's weighted aux loss for an MoE layer), so the backward pass
-  reaches every parameter and the input, as inside a model.
-  """
+
+def module_fwd_bwd(module: nnx.Module):
+  """A jitted fn(state, x [1, T, D]) -> (loss, (d state, d x)) for `module`; the loss is
+  mean(y^2) (+ the router's weighted aux loss for an MoE layer), so the backward pass reaches
+  every parameter and the input, as inside a model."""
   graphdef, state = nnx.split(module)
 
   def loss_fn(state, x):
@@ -91,14 +106,35 @@ def fwd_bwd_fn(module: nnx.Module):
   return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))), state
 
 
-def time_ms(fns: dict, *, warmup: int, repeats: int) -> dict[str, float]:
-  """Median wall time in milliseconds of each `fns[name] = (fn, args)` over `repeats` runs.
+def dense_swiglu_fwd_bwd(d_model: int, width: int, dtype, key):
+  """The plain-JAX baseline: fn(w, x [T, D]) -> (loss, (d w, d x)) of mean(y^2) with
+  y = silu(x @ g) * (x @ u) @ d (float32 parameters cast to `dtype`, as the module does)."""
+  kg, ku, kd = jax.random.split(key, 3)
+  w = {"g": jax.random.normal(kg, (d_model, width), jnp.float32) * d_model ** -0.5,
+       "u": jax.random.normal(ku, (d_model, width), jnp.float32) * d_model ** -0.5,
+       "d": jax.random.normal(kd, (width, d_model), jnp.float32) * width ** -0.5}
 
-  `warmup` untimed runs of each come first (the first compiles). The timed runs are interleaved
-  (dense, dropless, capacity, dense, ...) so that load from other processes on a shared machine
-  falls on every case alike and the ratios stay fair. Every run waits for its result. A case
-  that fails (e.g. out of device memory) is reported and gets NaN.
-  """
+  def loss_fn(w, x):
+    g, u, d = (w[n].astype(dtype) for n in "gud")
+    y = (jax.nn.silu(x @ g) * (x @ u)) @ d
+    return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+  return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))), w
+
+
+def peak_bytes(fn, args) -> int | None:
+  """Arguments + outputs + temporaries - aliased bytes of fn's compiled executable."""
+  try:
+    m = fn.lower(*args).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001  not every backend reports it
+    return None
+
+
+def time_ms(fns: dict, *, warmup: int, repeats: int) -> dict[str, float]:
+  """Median wall time (ms) of each `fns[name] = (fn, args)`, runs interleaved case by case so
+  that load from other processes falls on every case alike; a case that fails gets NaN."""
   failed = set()
   for name, (fn, args) in fns.items():
     try:
@@ -121,116 +157,135 @@ def time_ms(fns: dict, *, warmup: int, repeats: int) -> dict[str, float]:
 
 @dataclasses.dataclass
 class Row:
-  """One benchmark case: absolute times (ms) by case name (`dense`, `capacity`, and
-  `dropless/<gmm backend>` for each backend) and ratios to the dense FFN."""
+  """One MoE shape: per case (`dense`, `dense_module`, `dropless/<backend>`, `capacity`) the
+  median ms and the planned peak bytes; `flops` are the active FLOPs of one fwd+bwd step."""
   shape: str
   num_experts: int
   top_k: int
   expert_width: int
   dense_width: int
+  flops: float
   ms: dict[str, float]
+  peak_bytes: dict[str, int | None]
 
-  def ratio(self, case: str) -> float:
-    """MoE time / dense time for `case`."""
-    return self.ms[case] / self.ms["dense"]
+  def ratio(self, case: str, to: str = "dense") -> float:
+    return self.ms[case] / self.ms[to]
+
+  def gflops(self, case: str) -> float:
+    return self.flops / (self.ms[case] * 1e-3) / 1e9
 
 
 def run_shape(name: str, num_experts: int, top_k: int, granularity: int, args) -> Row:
-  """Times dense, capacity and dropless (every backend) for one MoE shape at `args`' sizes."""
-  x = jax.random.normal(jax.random.key(1), (1, args.tokens, args.d_model), args.dtype)  # [1,T,D]
-  cases = [("dropless", b) for b in args.backends] + [("capacity", "ragged_dot")]
-  fns, dims = {}, None
-  for dispatch, backend in cases:
+  """Compiles and times every case of one MoE shape."""
+  dtype = jnp.dtype(args.dtype)
+  x = jax.random.normal(jax.random.key(1), (1, args.tokens, args.d_model), dtype)   # [1, T, D]
+  fns = {}
+  m = None
+  for dispatch, backend in [("dropless", b) for b in args.backends] + [("capacity", None)]:
     m = model_config(args.d_model, args.d_ff, num_experts, top_k, granularity, dispatch,
-                     args.group_size, args.capacity_factor, backend, args.dtype)
-    dims = moe_dims(m)
-    fn, state = fwd_bwd_fn(MoELayer(m, rngs=nnx.Rngs(0)))
-    fns[dispatch if dispatch == "capacity" else f"dropless/{backend}"] = (fn, (state, x))
-  dense_width = dims.top_k * dims.expert_width   # K*G * F/G: the active expert width per token
-  fn, state = fwd_bwd_fn(MLP(args.d_model, dense_width, "swiglu", rngs=nnx.Rngs(0),
-                             dtype=jnp.dtype(args.dtype)))
-  fns = {"dense": (fn, (state, x)), **fns}
+                     args.routing_group, args.capacity_factor, backend or "ragged_dot",
+                     args.dtype)
+    fn, state = module_fwd_bwd(MoELayer(m, rngs=nnx.Rngs(0)))
+    fns["capacity" if backend is None else f"dropless/{backend}"] = (fn, (state, x))
+  e, k, f = _dims(m)
+  width = k * f                                   # the active expert width per token
+  dense, w = dense_swiglu_fwd_bwd(args.d_model, width, dtype, jax.random.key(2))
+  module, state = module_fwd_bwd(MLP(args.d_model, width, "swiglu", rngs=nnx.Rngs(0),
+                                     dtype=dtype))
+  fns = {"dense": (dense, (w, x[0])), "dense_module": (module, (state, x)), **fns}
+  peaks = {c: peak_bytes(fn, a) for c, (fn, a) in fns.items()}
   ms = time_ms(fns, warmup=args.warmup, repeats=args.repeats)
-  return Row(name, dims.num_experts, dims.top_k, dims.expert_width, dense_width, ms)
+  flops = 3 * 6.0 * args.tokens * args.d_model * width      # 3 matrices x (fwd + 2 bwd)
+  return Row(name, e, k, f, width, flops, ms, peaks)
 
 
 def format_table(rows: list[Row], args) -> str:
-  """The results as a fixed-width text table (ms, then x dense) with notes."""
-  cases = [c for c in rows[0].ms if c != "dense"]
-  label = lambda c: c.split("/")[-1]            # dropless/<backend> -> <backend>
-  width = {c: max(len(label(c)) + 5, 11) for c in cases}
-  head = ("".join(f"{label(c) + ' ms':>{width[c]}}" for c in cases)
-          + "".join(f"{label(c) + ' x':>{width[c]}}" for c in cases))
+  """Markdown tables: per shape and case ms, GFLOP/s, x dense, peak MiB; then the ratio of
+  every case to every other."""
+  unit = "TFLOP/s" if jax.default_backend() != "cpu" else "GFLOP/s"
+  scale = 1e-3 if unit == "TFLOP/s" else 1.0
   lines = [
-      f"MoE layer fwd+bwd vs dense SwiGLU FFN with the same active FLOPs/token "
-      f"(T={args.tokens}, D={args.d_model}, d_ff={args.d_ff}, {args.dtype}, capacity_factor="
-      f"{args.capacity_factor}, group_size={args.group_size}, median of {args.repeats} after "
-      f"{args.warmup} warm-up; jax {jax.__version__}, backend {jax.default_backend()}, "
-      f"{jax.devices()[0].device_kind}, {jax.device_count()} device(s))",
-      f"{'shape':<16}{'E':>4}{'K':>4}{'F/G':>6}{'dense W':>9}{'dense ms':>10}" + head,
+      f"MoE layer fwd+bwd vs a dense SwiGLU with the same active FLOPs (T={args.tokens}, "
+      f"D={args.d_model}, d_ff={args.d_ff}, {args.dtype}, capacity_factor={args.capacity_factor},"
+      f" routing_group={args.routing_group}; median of {args.repeats} after {args.warmup} "
+      f"warm-up; jax {jax.__version__}, {jax.default_backend()} "
+      f"{jax.devices()[0].device_kind} x{jax.device_count()}, XLA_FLAGS="
+      f"{os.environ.get('XLA_FLAGS', '')!r})",
+      "",
+      f"| shape | case | ms | {unit} | x dense | peak MiB |",
+      "| --- | --- | --- | --- | --- | --- |",
   ]
   for r in rows:
-    lines.append(
-        f"{r.shape:<16}{r.num_experts:>4}{r.top_k:>4}{r.expert_width:>6}{r.dense_width:>9}"
-        f"{r.ms['dense']:>10.2f}" + "".join(f"{r.ms[c]:>{width[c]}.2f}" for c in cases)
-        + "".join(f"{r.ratio(c):>{width[c]}.2f}" for c in cases))
-  lines += [
-      "notes:",
-      "  ms: median wall time; x: MoE time / dense time (1.0: routing and dispatch cost nothing).",
-      "  ragged_dot, blocked: dropless dispatch with that gmm backend; capacity: capacity",
-      "  dispatch.",
-      "  ragged_dot: jax.lax.ragged_dot; on the CPU (and the GPU, jax 0.11.2) it is lowered to a",
-      "  dense computation over all E experts for every row (E times the active FLOPs).",
-      "  blocked: rows padded per expert to a multiple of a row tile tm, one batched",
-      "  matmul over tiles; at most min(E, T*K)*(tm-1) padding rows (moejax/kernels/blocked.py).",
-      "  capacity does E*C = capacity_factor*T*K expert rows (capacity_factor times the active",
-      "  FLOPs) plus one-hot dispatch/combine einsums of O(T*E*C*D) per group.",
-  ]
+    for c in r.ms:
+      peak = r.peak_bytes.get(c)
+      lines.append(f"| {r.shape} (E={r.num_experts} K={r.top_k} F={r.expert_width}, dense W="
+                   f"{r.dense_width}) | {c} | {r.ms[c]:.1f} | {scale * r.gflops(c):.1f} | "
+                   f"{r.ratio(c):.2f} | {'' if peak is None else f'{peak / 2**20:.0f}'} |")
+  for r in rows:
+    cases = list(r.ms)
+    lines += ["", f"{r.shape}: row time / column time",
+              "| | " + " | ".join(cases) + " |", "|---" * (len(cases) + 1) + "|"]
+    for a in cases:
+      lines.append(f"| {a} | " + " | ".join(f"{r.ratio(a, b):.2f}" for b in cases) + " |")
   return "\n".join(lines)
 
 
 def parse_args(argv=None):
-  """Command-line flags; --quick shrinks everything to a seconds-long smoke run, --gpu grows
-  it to fill one accelerator."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--tokens", type=int, default=1024, help="T, tokens per batch")
   p.add_argument("--d_model", type=int, default=128, help="D, model width")
   p.add_argument("--d_ff", type=int, default=256, help="F, width of one granularity-1 expert")
-  p.add_argument("--group_size", type=int, default=128,
+  p.add_argument("--routing_group", "--group_size", type=int, default=128,
                  help="tokens routed together under capacity dispatch (must divide --tokens)")
   p.add_argument("--capacity_factor", type=float, default=1.25)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                  help="compute dtype (parameters stay float32)")
-  p.add_argument("--backends", nargs="+", default=list(GMM_BACKENDS), choices=list(GMM_BACKENDS),
-                 help="grouped-matmul backends to time under dropless dispatch (default: all)")
+  p.add_argument("--backends", nargs="+", default=None, choices=list(GMM_BACKENDS),
+                 help="gmm backends to time under dropless dispatch (default: all; on the CPU "
+                      "all but the interpreted `pallas`)")
   p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
   p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported")
   p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first compiles)")
   p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+  p.add_argument("--issue", action="store_true",
+                 help="T=4096, D=512, d_ff=1024 (issue 9's CPU shapes), 5 repeats")
   p.add_argument("--gpu", action="store_true",
-                 help="T=16384, D=1024, d_ff=4096, group_size=512, bfloat16, 20 repeats; runs on "
+                 help="T=16384, D=1024, d_ff=4096, routing_group=512, bfloat16, 20 repeats, on "
                       "the default JAX backend (otherwise the CPU is forced)")
+  p.add_argument("--json", default=None, help="also write the rows to this JSON file")
   args = p.parse_args(argv)
   if args.quick:
-    args.tokens, args.d_model, args.d_ff, args.group_size = 128, 32, 64, 64
+    args.tokens, args.d_model, args.d_ff, args.routing_group = 128, 32, 64, 64
     args.repeats, args.warmup = 3, 1
+  if args.issue:
+    args.tokens, args.d_model, args.d_ff, args.routing_group = 4096, 512, 1024, 128
+    args.repeats = 5
   if args.gpu:
-    args.tokens, args.d_model, args.d_ff, args.group_size = 16384, 1024, 4096, 512
+    args.tokens, args.d_model, args.d_ff, args.routing_group = 16384, 1024, 4096, 512
     args.dtype, args.repeats, args.warmup = "bfloat16", 20, 3
-  if args.tokens % args.group_size:
-    p.error(f"--group_size={args.group_size} must divide --tokens={args.tokens}")
+  if args.backends is None:
+    args.backends = [b for b in GMM_BACKENDS
+                     if not (b == "pallas" and jax.default_backend() == "cpu")]
+  if args.tokens % args.routing_group:
+    p.error(f"--routing_group={args.routing_group} must divide --tokens={args.tokens}")
   if args.d_ff % 8:
-    p.error(f"--d_ff={args.d_ff} must be a multiple of 8 (the granularity of the E=64 shape)")
+    p.error(f"--d_ff={args.d_ff} must be a multiple of 8 (the granularity of the fine shape)")
   return args
 
 
 def main(argv=None) -> list[Row]:
-  """Runs every shape and prints the table; returns the rows."""
   args = parse_args(argv)
   start = time.perf_counter()
   rows = [run_shape(name, *SHAPES[name], args) for name in args.shapes]
   print(format_table(rows, args))
+  if jax.default_backend() == "gpu":
+    stats = jax.devices()[0].memory_stats() or {}
+    print(f"device peak_bytes_in_use: {stats.get('peak_bytes_in_use', 0) / 2**20:.0f} MiB")
   print(f"total {time.perf_counter() - start:.1f} s")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"args": vars(args), "jax": jax.__version__, "backend": jax.default_backend(),
+                 "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
   return rows
 
 

@@ -50,7 +50,12 @@ def _ladder(tm: int, tmin: int) -> list[int]:
 def _walk(m: int, start, size, tm: int, tmin: int, init, full_step, part_step):
   """Calls full_step(carry, row, rows) on static-size chunks covering [start, start + size)
   and part_step(carry, window_row, mask [tmin]) on the last r mod tmin rows (if any). Chunk
-  rows never exceed M: `m` must be >= tmin."""
+  rows never exceed M: `m` must be >= tmin.
+
+  Each optional chunk is a loop of 0 or 1 trips whose row offset is a loop variable: were it a
+  constant of the loop, XLA's loop-invariant code motion would hoist the matmul out of the loop
+  and run it even on 0 trips.
+  """
   q = size // tm
 
   def big(i, carry):
@@ -60,14 +65,18 @@ def _walk(m: int, start, size, tm: int, tmin: int, init, full_step, part_step):
   off, rem = start + q * tm, size - q * tm
   for c in _ladder(tm, tmin):
     take = (rem >= c).astype(jnp.int32)
-    carry = jax.lax.fori_loop(0, take, lambda _, cr, o=off, c=c: full_step(cr, o, c), carry)
-    off, rem = off + take * c, rem - take * c
+    carry, off = jax.lax.fori_loop(
+        0, take, lambda _, co, c=c: (full_step(co[0], co[1], c), co[1] + c), (carry, off))
+    rem = rem - take * c
+
   # The last rem < tmin rows: a window of tmin rows that fits inside [0, M).
-  win = jnp.minimum(off, m - tmin)
-  rows = win + jnp.arange(tmin, dtype=jnp.int32)
-  mask = (rows >= off) & (rows < off + rem)
-  return jax.lax.fori_loop(0, (rem > 0).astype(jnp.int32),
-                           lambda _, cr: part_step(cr, win, mask), carry)
+  def last(_, co):
+    carry, off = co
+    win = jnp.minimum(off, m - tmin)
+    rows = win + jnp.arange(tmin, dtype=jnp.int32)
+    return part_step(carry, win, (rows >= off) & (rows < off + rem)), off
+
+  return jax.lax.fori_loop(0, (rem > 0).astype(jnp.int32), last, (carry, off))[0]
 
 
 def _matmul(x, w, transpose_rhs):
