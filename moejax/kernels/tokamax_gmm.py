@@ -23,7 +23,13 @@ def tokamax_gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.A
     [M, N] in lhs.dtype, accumulated in float32.
   """
   import tokamax  # noqa: PLC0415  optional dependency, imported on first use
+  from absl import flags  # noqa: PLC0415
 
+  # tokamax reads its options from absl flags and, if nobody parsed them (pytest, a notebook, a
+  # benchmark script), parses sys.argv, which fails on any foreign argument ("-q"). Outside an
+  # absl app the flags keep their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   out = tokamax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
                            preferred_element_type=jnp.float32)
   return out.astype(lhs.dtype)
