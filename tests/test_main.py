@@ -1,16 +1,15 @@
-"""The command line: `python -m moejax.main` joins a jax.distributed job from its flags (here a
-job of one process on localhost) and trains."""
+"""The command line: `python -m moejax.main` hands its distributed flags to jax.distributed
+before anything touches a device. (Training through jax.distributed: tests/test_multihost.py;
+main training and stopping cleanly: tests/test_train.py's SIGTERM test.)"""
 import os
 import socket
 import subprocess
 import sys
 
-from moejax.metrics import read_metrics
-
 from helpers import ROOT
 
 
-def test_main_joins_a_distributed_job_from_flags(tmp_path):
+def test_main_hands_its_flags_to_jax_distributed(tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -21,11 +20,7 @@ def test_main_joins_a_distributed_job_from_flags(tmp_path):
           "--config.train.eval_every=2", "--config.train.eval_batches=1",
           "--config.model.num_layers=1", "--config.train.warmup_steps=1", "--config.mesh.data=1"]
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-  steps = [r["step"] for r in read_metrics(str(workdir / "metrics.jsonl")) if "eval/loss" in r]
-  assert steps == [2]
   # The flags reach jax.distributed: process id 1 of a one-process job is refused at once.
   bad = subprocess.run([a for a in args if not a.startswith("--process_id")] + ["--process_id=1"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert bad.returncode != 0 and "process_id" in (bad.stdout + bad.stderr)
+  assert bad.returncode != 0 and "process_id < num_processes" in (bad.stdout + bad.stderr)
