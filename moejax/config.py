@@ -17,6 +17,7 @@ from moejax.moe.dims import is_moe_layer, moe_dims
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _BALANCE_STATS = ("global", "device")
+_NAN_POLICIES = ("halt", "skip")
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -164,7 +165,8 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   m, moe, t = config.model, config.model.moe, config.train
   for f in ("train.steps", "train.batch_size", "train.seq_len", "train.eval_every",
             "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-            "train.log_every"):
+            "train.log_every", "train.max_skipped_steps", "train.preemption_check_every",
+            "train.heartbeat_timeout_s"):
     _positive_int(config, f)
   for f in ("seed", "train.warmup_steps"):
     _nonneg_int(config, f)
@@ -177,8 +179,10 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
          t.weight_decay, "a number >= 0")
   _check(_is_number(t.grad_clip) and t.grad_clip > 0, "train.grad_clip", t.grad_clip,
          "a number > 0")
-  from moejax.train_checks import validate_train_faults  # noqa: PLC0415  (NaN policy, timeouts)
-  validate_train_faults(config)
+  # Fault handling (moejax/faults.py).
+  nan_policy = _get(config, "train.nan_policy")
+  _check(isinstance(nan_policy, str) and nan_policy in _NAN_POLICIES, "train.nan_policy",
+         nan_policy, f"one of {_NAN_POLICIES}")
 
   _check(source_name(config.data.source) in SOURCES, "data.source", config.data.source,
          f"one of {sorted(SOURCES)} (tfds:<name>[/<config>], array_record:<glob>)")

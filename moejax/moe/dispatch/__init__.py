@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax.moe.dispatch.capacity import capacity_dispatch, capacity_masks, expert_capacity
@@ -39,7 +40,7 @@ def _local(x, expert_index, combine_weights, w, *, ffn, plan):
   if plan.tensor_axis not in plan.token_axes:      # whole tokens, F slices: sum the slices
     y = psum(y, plan.tensor_axis)
   dropped, routed = psum(dropped, plan.token_axes), psum(routed, plan.token_axes)
-  return y, dropped / jax.numpy.maximum(routed, 1.0)
+  return y, dropped / jnp.maximum(routed, 1.0)
 
 
 def dispatch(x: jax.Array, expert_index: jax.Array, combine_weights: jax.Array, w: dict, *,
