@@ -47,11 +47,9 @@ class Registry(Mapping):
   def __len__(self) -> int:
     return len(self._items)
 
-  def check(self, name: Any, field: str | None = None, allowed_suffix: str = "") -> None:
-    """Raises ConfigError naming `field` (default: this registry's) if `name` is unknown."""
-    if name not in self:
-      raise ConfigError(field or self.field, name, f"one of {sorted(self._items)}"
-                        + allowed_suffix)
+  def check(self, name: Any) -> None:
+    """Raises ConfigError naming this registry's field if `name` is unknown."""
+    self[name]
 
   def __repr__(self) -> str:
     return f"Registry({self.field!r}, {sorted(self._items)})"
