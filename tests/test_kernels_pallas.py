@@ -86,9 +86,9 @@ CASES = [
     ("sum_above_m_is_cut", [5, 6, 7, 0, 2]),
 ]
 # (kernel, tiling): both Pallas kernels at the default and at blocks dividing nothing; chunked
-# at its default and at (tm, tmin) = (4, 2) and (8, 1), which run every chunk path.
+# at its default and at (tm, tmin) = (4, 2), which runs every chunk path at M=13.
 KERNELS = [("visits", None), ("visits", (4, 2, 2)), ("tiles", None), ("tiles", (4, 2, 2)),
-           ("chunked", None), ("chunked", (4, 2)), ("chunked", (8, 1))]
+           ("chunked", None), ("chunked", (4, 2))]
 KERNEL_IDS = [f"{k}-{'x'.join(map(str, t)) if t else 'default'}" for k, t in KERNELS]
 
 
