@@ -18,6 +18,7 @@ from moejax.config import validate_model
 from moejax.kernels import GMM_BACKENDS, blocked, ragged_dot_gmm
 from moejax.kernels.blocked import blocked_gmm, num_tiles, padded_rows, tile_plan, tile_rows
 
+from gmm_cases import GROUP_SIZE_CASES, close
 from helpers import load_config
 
 M, K, N, E = 13, 3, 4, 5
@@ -64,37 +65,22 @@ def _inputs(seed, m=M, dtype=jnp.float32):
   return lhs, rhs, cot
 
 
-def _close(got, want, rtol=1e-5, atol=1e-6):
-  want = np.asarray(want, np.float64)
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol,
-                             atol=atol * max(1.0, np.abs(want).max()))
-
-
-# (name, group_sizes [E]); M = 13 rows in every case.
-CASES = [
-    ("empty_groups", [4, 0, 6, 0, 3]),
-    ("one_group_takes_all", [0, 0, 13, 0, 0]),
-    ("sum_below_m", [2, 0, 5, 1, 0]),
-    ("all_empty", [0, 0, 0, 0, 0]),
-    ("one_row_each", [1, 1, 1, 1, 1]),
-    ("sum_above_m_is_cut", [5, 6, 7, 0, 2]),
-]
 # (backend, tm): every registered backend with its default tile, and blocked with tiles that
 # divide nothing (4: M=13 is no multiple), give one row per tile (1), or exceed M (32).
 BACKENDS = [(b, None) for b in GMM_BACKENDS] + [("blocked", 1), ("blocked", 4), ("blocked", 32)]
 
 
 @pytest.mark.parametrize("backend, tm", BACKENDS, ids=[f"{b}-tm{t}" for b, t in BACKENDS])
-@pytest.mark.parametrize("name, sizes", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name, sizes", GROUP_SIZE_CASES, ids=[c[0] for c in GROUP_SIZE_CASES])
 def test_backend_matches_float64_loop(name, sizes, backend, tm):
-  lhs, rhs, cot = _inputs(CASES.index((name, sizes)))
+  lhs, rhs, cot = _inputs(GROUP_SIZE_CASES.index((name, sizes)))
   sizes = jnp.asarray(sizes, jnp.int32)
   out, d_lhs, d_rhs = _value_and_grads(lhs, rhs, sizes, cot, backend=backend, tm=tm)
   want_out, want_lhs, want_rhs = _oracle(lhs, rhs, sizes, cot)
   assert out.shape == (M, N) and out.dtype == jnp.float32
-  _close(out, want_out)
-  _close(d_lhs, want_lhs)
-  _close(d_rhs, want_rhs)
+  close(out, want_out)
+  close(d_lhs, want_lhs)
+  close(d_rhs, want_rhs)
   # Rows past the groups give exact zeros and get no gradient; empty groups get no gradient.
   used = min(int(sizes.sum()), M)
   np.testing.assert_array_equal(out[used:], 0.0)
@@ -102,15 +88,15 @@ def test_backend_matches_float64_loop(name, sizes, backend, tm):
   np.testing.assert_array_equal(d_rhs[np.asarray(sizes) == 0], 0.0)
 
 
-@pytest.mark.parametrize("name, sizes", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name, sizes", GROUP_SIZE_CASES, ids=[c[0] for c in GROUP_SIZE_CASES])
 def test_blocked_equals_ragged_dot(name, sizes):
-  lhs, rhs, cot = _inputs(100 + CASES.index((name, sizes)))
+  lhs, rhs, cot = _inputs(100 + GROUP_SIZE_CASES.index((name, sizes)))
   sizes = jnp.asarray(sizes, jnp.int32)
   ref = _value_and_grads(lhs, rhs, sizes, cot, backend="ragged_dot")
   for tm in (None, 4):
     got = _value_and_grads(lhs, rhs, sizes, cot, backend="blocked", tm=tm)
     for g, r in zip(got, ref):
-      _close(g, r, rtol=1e-6)
+      close(g, r, rtol=1e-6)
 
 
 @st.composite
@@ -128,7 +114,7 @@ def test_blocked_property_random_group_sizes(sizes, tm, seed):
   sizes = jnp.asarray(sizes)
   got = _value_and_grads(lhs, rhs, sizes, cot, backend="blocked", tm=tm)
   for g, w in zip(got, _oracle(lhs, rhs, sizes, cot)):
-    _close(g, w)
+    close(g, w)
 
 
 @jax.jit
@@ -193,7 +179,7 @@ def test_blocked_under_vmap():
   for i in range(2):
     want = _oracle(lhs[i], rhs, sizes[i], cot[i])
     for g, w in zip(got, want):
-      _close(g[i], w)
+      close(g[i], w)
 
 
 def test_blocked_under_shard_map_and_sharded_jit():
@@ -218,17 +204,17 @@ def test_blocked_under_shard_map_and_sharded_jit():
   for i in range(n):
     rows = slice(i * M, (i + 1) * M)
     want_out, want_lhs, want_rhs_i = _oracle(lhs[rows], rhs, sizes[i], cot[rows])
-    _close(out[rows], want_out)
-    _close(d_lhs[rows], want_lhs)
+    close(out[rows], want_out)
+    close(d_lhs[rows], want_lhs)
     want_rhs = want_rhs + want_rhs_i
-  _close(d_rhs, want_rhs)
+  close(d_rhs, want_rhs)
 
   flat = jnp.asarray(np.bincount(rng.integers(0, E, n * M - 5), minlength=E), jnp.int32)
   sharded = jax.device_put(lhs, NamedSharding(mesh, P("x")))
   got = jax.jit(lambda l, r, g, c: _value_and_grads(l, r, g, c, backend="blocked"))(
       sharded, rhs, flat, cot)
   for g, w in zip(got, _oracle(lhs, rhs, flat, cot)):
-    _close(g, w)
+    close(g, w)
 
 
 def test_blocked_bfloat16_accumulates_in_float32():
@@ -241,7 +227,7 @@ def test_blocked_bfloat16_accumulates_in_float32():
     assert g.dtype == jnp.bfloat16
     err = np.linalg.norm(np.asarray(g, np.float64) - w) / np.linalg.norm(w)
     assert err < 1e-2, err
-    _close(g, r, rtol=1e-2, atol=1e-2)
+    close(g, r, rtol=1e-2, atol=1e-2)
 
 
 def test_blocked_is_a_registered_valid_backend():

@@ -21,6 +21,8 @@ from moejax.kernels.gmm import _visit_plan, default_tiling, gmm, tgmm
 
 M, K, N, G = 13, 3, 5, 5
 
+from gmm_cases import GROUP_SIZE_CASES, close
+
 
 def _oracle(lhs, rhs, group_sizes, cot):
   """Float64 loop: out [M, N], d lhs [M, K], d rhs [G, K, N] of sum(out * cot)."""
@@ -71,20 +73,6 @@ def _inputs(seed, m=M, g=G, dtype=jnp.float32):
           jnp.asarray(rng.standard_normal((m, N)), jnp.float32))
 
 
-def _close(got, want, rtol=1e-5, atol=1e-6):
-  want = np.asarray(want, np.float64)
-  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol,
-                             atol=atol * max(1.0, np.abs(want).max()))
-
-
-CASES = [
-    ("empty_groups", [4, 0, 6, 0, 3]),
-    ("all_rows_in_one_group", [0, 0, 13, 0, 0]),
-    ("sum_below_m", [2, 0, 5, 1, 0]),
-    ("all_empty", [0, 0, 0, 0, 0]),
-    ("one_row_each", [1, 1, 1, 1, 1]),
-    ("sum_above_m_is_cut", [5, 6, 7, 0, 2]),
-]
 # (kernel, tiling): both Pallas kernels at the default and at blocks dividing nothing; chunked
 # at its default and at (tm, tmin) = (4, 2), which runs every chunk path at M=13.
 KERNELS = [("visits", None), ("visits", (4, 2, 2)), ("tiles", None), ("tiles", (4, 2, 2)),
@@ -93,17 +81,17 @@ KERNEL_IDS = [f"{k}-{'x'.join(map(str, t)) if t else 'default'}" for k, t in KER
 
 
 @pytest.mark.parametrize("kernel, tiling", KERNELS, ids=KERNEL_IDS)
-@pytest.mark.parametrize("name, sizes", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name, sizes", GROUP_SIZE_CASES, ids=[c[0] for c in GROUP_SIZE_CASES])
 def test_gmm_vjp_matches_float64_and_ragged_dot(name, sizes, kernel, tiling):
-  lhs, rhs, cot = _inputs(CASES.index((name, sizes)))
+  lhs, rhs, cot = _inputs(GROUP_SIZE_CASES.index((name, sizes)))
   sizes = jnp.asarray(sizes, jnp.int32)
   got = _value_and_grads(lhs, rhs, sizes, cot, kernel=kernel, tiling=tiling)
   ref = _ragged_dot_value_and_grads(lhs, rhs, sizes, cot)
   want = _oracle(lhs, rhs, sizes, cot)
   assert [a.shape for a in got] == [(M, N), (M, K), (G, K, N)]
   for g, r, w in zip(got, ref, want):
-    _close(g, w)
-    _close(g, r)
+    close(g, w)
+    close(g, r)
   used = min(int(sizes.sum()), M)
   np.testing.assert_array_equal(got[0][used:], 0.0)        # rows past the groups: zeros
   np.testing.assert_array_equal(got[1][used:], 0.0)
@@ -126,7 +114,7 @@ def test_gmm_property_random_group_sizes(sizes, kernel, seed):
   tiling = (4, 2) if kernel == "chunked" else (4, 2, 2)
   got = _value_and_grads(lhs, rhs, jnp.asarray(sizes), cot, kernel=kernel, tiling=tiling)
   for g, w in zip(got, _oracle(lhs, rhs, sizes, cot)):
-    _close(g, w)
+    close(g, w)
 
 
 @pytest.mark.parametrize("kernel", ["visits", "tiles"])
@@ -136,7 +124,7 @@ def test_tgmm_matches_float64(kernel):
   got = tgmm(lhs, dy, sizes, kernel=kernel, tiling=(4, 2, 2), interpret=True,
              out_dtype=jnp.float32)
   _, _, want = _oracle(lhs, np.zeros((G, K, N)), sizes, dy)
-  _close(got, want)
+  close(got, want)
 
 
 @pytest.mark.parametrize("kernel", ["visits", "tiles", "chunked"])
@@ -149,7 +137,7 @@ def test_gmm_256_groups(kernel):
   tiling = (8, 2) if kernel == "chunked" else (8, 2, 2)
   got = _value_and_grads(lhs, rhs, jnp.asarray(sizes), cot, kernel=kernel, tiling=tiling)
   for a, w in zip(got, _oracle(lhs, rhs, sizes, cot)):
-    _close(a, w)
+    close(a, w)
 
 
 @pytest.mark.parametrize("kernel", ["visits", "tiles", "chunked"])
@@ -216,7 +204,7 @@ def test_moe_layer_backend_equals_ragged_dot(backend):
     (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
     results.append((y, jax.tree.leaves(grads)))
   (y_ref, g_ref), (y, g) = results
-  _close(y, y_ref)
+  close(y, y_ref)
   assert len(g) == len(g_ref)
   for a, b in zip(g, g_ref):
-    _close(a, b, rtol=1e-4, atol=1e-5)
+    close(a, b, rtol=1e-4, atol=1e-5)
