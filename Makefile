@@ -6,6 +6,9 @@ CONFIG ?= configs/default.py
 WORKDIR ?= runs/default
 # Tests and benchmarks simulate an 8-device mesh on the CPU.
 TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
+# Test files run in this many processes (pytest-xdist; one file stays in one process, so its
+# shared compiled functions are compiled once). Most of the suite is single-threaded compiling.
+TEST_WORKERS ?= 2
 
 .PHONY: train test bench setup clean
 
@@ -21,7 +24,7 @@ train: $(VENV)/.installed
 	$(PY) -m moejax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q tests
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py

@@ -32,6 +32,7 @@ EXTRAS = {
     "data": DATA,
     "test": [
         "pytest>=9.0",
+        "pytest-xdist>=3.8",   # make test runs the test files in 2 processes
         "hypothesis>=6.155",
         "nbclient>=0.11",
         "nbformat>=5.11",

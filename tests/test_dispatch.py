@@ -100,7 +100,7 @@ def _routing_case(draw):
   return index, weights, e, capacity
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)   # each example has new shapes: a new compile
 @given(_routing_case())
 def test_capacity_masks_conserve_copies(case):
   """Conservation, whatever the priority rule: each expert keeps min(its copies, C), each slot
