@@ -54,12 +54,7 @@ from flax import nnx  # noqa: E402
 from moejax.config import load_config_file  # noqa: E402
 from moejax.kernels import GMM_BACKENDS  # noqa: E402
 
-try:                                   # the MoE core's home since the moejax/moe/ move
-  from moejax.moe import MLP, MoELayer, moe_dims  # noqa: E402
-except ImportError:                    # before it
-  from moejax.config import moe_dims  # noqa: E402
-  from moejax.experts import MLP  # noqa: E402
-  from moejax.layers import MoELayer  # noqa: E402
+from moejax.moe import MLP, MoELayer, moe_dims  # noqa: E402
 
 # name -> (num_experts, top_k, granularity) before granularity is applied.
 SHAPES = {

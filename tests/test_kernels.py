@@ -18,7 +18,7 @@ from moejax.config import validate_model
 from moejax.kernels import GMM_BACKENDS, blocked, ragged_dot_gmm
 from moejax.kernels.blocked import blocked_gmm, num_tiles, padded_rows, tile_plan, tile_rows
 
-from gmm_cases import GROUP_SIZE_CASES, close
+from gmm_cases import GROUP_SIZE_CASES, close, random_group_sizes
 from helpers import load_config
 
 M, K, N, E = 13, 3, 4, 5
@@ -99,16 +99,9 @@ def test_blocked_equals_ragged_dot(name, sizes):
       close(g, r, rtol=1e-6)
 
 
-@st.composite
-def _group_sizes(draw, m=M, e=E):
-  """E non-negative group sizes with sum <= m: cut points of a random total."""
-  total = draw(st.integers(0, m))
-  cuts = sorted(draw(st.lists(st.integers(0, total), min_size=e - 1, max_size=e - 1)))
-  return np.diff([0, *cuts, total]).astype(np.int32)
-
-
 @settings(max_examples=40, deadline=None)
-@given(sizes=_group_sizes(), tm=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**16))
+@given(sizes=random_group_sizes(M, E), tm=st.sampled_from([1, 2, 4, 8]),
+       seed=st.integers(0, 2**16))
 def test_blocked_property_random_group_sizes(sizes, tm, seed):
   lhs, rhs, cot = _inputs(seed)
   sizes = jnp.asarray(sizes)
@@ -123,7 +116,7 @@ def _plans(sizes):
 
 
 @settings(max_examples=40, deadline=None)
-@given(sizes=_group_sizes())
+@given(sizes=random_group_sizes(M, E))
 def test_tile_plan_invariants(sizes):
   total = int(sizes.sum())
   starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])

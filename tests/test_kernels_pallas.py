@@ -18,10 +18,11 @@ from hypothesis import given, settings, strategies as st
 
 from moejax.kernels import GMM_BACKENDS, chunked_gmm, pallas_gmm
 from moejax.kernels.gmm import _visit_plan, default_tiling, gmm, tgmm
+from moejax.moe import MoELayer
+
+from gmm_cases import GROUP_SIZE_CASES, close, random_group_sizes
 
 M, K, N, G = 13, 3, 5, 5
-
-from gmm_cases import GROUP_SIZE_CASES, close
 
 
 def _oracle(lhs, rhs, group_sizes, cot):
@@ -98,16 +99,8 @@ def test_gmm_vjp_matches_float64_and_ragged_dot(name, sizes, kernel, tiling):
   np.testing.assert_array_equal(got[2][np.asarray(sizes) == 0], 0.0)
 
 
-@st.composite
-def _group_sizes(draw, m=M, g=G):
-  """G group sizes with sum <= m, skewed: cut points of a random total."""
-  total = draw(st.integers(0, m))
-  cuts = sorted(draw(st.lists(st.integers(0, total), min_size=g - 1, max_size=g - 1)))
-  return np.diff([0, *cuts, total]).astype(np.int32)
-
-
 @settings(max_examples=8, deadline=None)
-@given(sizes=_group_sizes(), kernel=st.sampled_from(["visits", "tiles", "chunked"]),
+@given(sizes=random_group_sizes(M, G), kernel=st.sampled_from(["visits", "tiles", "chunked"]),
        seed=st.integers(0, 2**16))
 def test_gmm_property_random_group_sizes(sizes, kernel, seed):
   lhs, rhs, cot = _inputs(seed)
@@ -173,14 +166,6 @@ def test_default_tiling_and_registry():
     gmm(jnp.zeros((4, 2)), jnp.zeros((1, 2, 2)), jnp.asarray([4]), kernel="cuda_magic")
 
 
-def _moe_layer_cls():
-  try:
-    from moejax.moe import MoELayer          # noqa: PLC0415  (the MoE core's new home)
-  except ImportError:
-    from moejax.layers import MoELayer       # noqa: PLC0415
-  return MoELayer
-
-
 @pytest.mark.parametrize("backend", ["pallas", "chunked"])
 def test_moe_layer_backend_equals_ragged_dot(backend):
   """A dropless MoE layer (8 experts, top-2, 2 x 12 tokens) gives the same output and the same
@@ -195,7 +180,7 @@ def test_moe_layer_backend_equals_ragged_dot(backend):
   results = []
   for name in ("ragged_dot", backend):
     model.moe.gmm_backend = name
-    graphdef, state = nnx.split(_moe_layer_cls()(model, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(MoELayer(model, rngs=nnx.Rngs(0)))
 
     def loss(state, x, graphdef=graphdef):
       y, aux, _ = nnx.merge(graphdef, state)(x)

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.moe.dispatch.expert_parallel import EP_EXCHANGES
-from moejax.moe.dispatch.permute import inverse_permutation, permute, sort_by_expert, unpermute
+from moejax.moe.dispatch.permute import (combine, inverse_permutation, permute, sort_by_expert,
+                                         unpermute)
 from moejax.moe.dispatch.plan import DispatchPlan
 
 
@@ -40,6 +41,6 @@ def dropless_dispatch(x: jax.Array, expert_index: jax.Array, combine_weights: ja
   group_sizes = jnp.bincount(expert_index.reshape(-1), length=e).astype(jnp.int32)   # [E]
   ys = ffn.grouped(xs, w, group_sizes)                                   # [T*K, D]
   y_copies = unpermute(ys, sort_index, inverse).reshape(t, k, d)         # [T, K, D]
-  y = jnp.einsum("tk,tkd->td", combine_weights.astype(y_copies.dtype), y_copies)
+  y = combine(y_copies, combine_weights)
   routed = jnp.sum(expert_index < e).astype(jnp.float32)
   return y, jnp.zeros((), jnp.float32), routed

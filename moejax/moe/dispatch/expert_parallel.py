@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.dispatch.permute import inverse_permutation, sort_by_expert
+from moejax.moe.dispatch.permute import combine, inverse_permutation, sort_by_expert
 from moejax.moe.dispatch.plan import DispatchPlan
 from moejax.registry import Registry
 
@@ -101,7 +101,7 @@ def all_to_all_exchange(x: jax.Array, expert_index: jax.Array, combine_weights: 
   ok = (sorted_e < e) & (rank < jnp.sum(kept, axis=1)[shard])
   y_sorted = jnp.where(ok[:, None], back[shard, jnp.minimum(rank, rows - 1)], 0)
   y_copies = y_sorted[inverse_permutation(sort_index)].reshape(t, k, d)
-  y = jnp.einsum("tk,tkd->td", combine_weights.astype(y_copies.dtype), y_copies)
+  y = combine(y_copies, combine_weights)
   routed = jnp.sum(flat < e).astype(jnp.float32)
   return y, routed - jnp.sum(kept).astype(jnp.float32), routed
 
@@ -132,7 +132,7 @@ def ring_exchange(x: jax.Array, expert_index: jax.Array, combine_weights: jax.Ar
   n = ep * t * k
   y_sorted = jnp.concatenate([ys, jnp.zeros((n - rows, d), ys.dtype)]) if n > rows else ys
   y_copies = y_sorted[inverse_permutation(sort_index)].reshape(ep * t, k, d)
-  y_all = jnp.einsum("tk,tkd->td", weights_all.astype(y_copies.dtype), y_copies)
+  y_all = combine(y_copies, weights_all)
   y = jax.lax.psum_scatter(y_all, axis, scatter_dimension=0, tiled=True)   # [T, D]
   routed = jnp.sum(expert_index < e).astype(jnp.float32)
   return y, jnp.sum(sizes - kept).astype(jnp.float32), routed

@@ -69,3 +69,9 @@ def _unpermute_bwd(sort_index, dy):
 
 
 unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
+
+
+def combine(y_copies: jax.Array, combine_weights: jax.Array) -> jax.Array:
+  """Each token's weighted sum of its K expert outputs: y_copies [T, K, D], combine_weights
+  [T, K] -> [T, D] (a "no expert" slot has weight 0)."""
+  return jnp.einsum("tk,tkd->td", combine_weights.astype(y_copies.dtype), y_copies)
