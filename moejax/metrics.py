@@ -268,7 +268,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 
   Numbers get 4 decimals (thousands separators from 1,000), arrays a list of 3-decimal
   values, anything else `str()`. When `data/loss_floor` is given with `eval/loss` or
-  `train/loss`, a line `eval/loss - floor` (the gap left to learn, nats/token) is added.
+  `train/loss`, a line `eval/loss - floor` (the gap left to learn, nats/token) is added. A run's
+  summary (one naming its `checkpoints` and `metrics` file) ends with the command that plots it
+  (`plots  python -m moejax.plot WORKDIR --out WORKDIR/plots`, moejax/plot.py).
   Example keys: `train/loss`, `eval/loss`, `data/loss_floor`, `train/tokens_per_s`,
   `moe/max_vio`, `moe/load`, `checkpoints`, `metrics`.
   """
@@ -279,5 +281,9 @@ def format_summary(summary: dict[str, Any]) -> str:
       if summary.get(name) is not None:
         rows.append((f"{name} - floor", f"{float(summary[name]) - float(floor):.4f}"))
         break
+  if summary.get("metrics") and summary.get("checkpoints"):
+    workdir = os.path.dirname(os.fspath(summary["metrics"])) or "."
+    plots = os.path.join(workdir, "plots")
+    rows.append(("plots", f"python -m moejax.plot {workdir} --out {plots}"))
   width = max((len(k) for k, _ in rows), default=0)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,140 @@
+"""Routing analysis: what each MoE layer decided on a batch, and how much it tells of the domain.
+
+- `routing_trace(model, batch)`: every MoE layer's `Routing` on a batch, from one ordinary
+  forward pass of the model (no change to the model is needed: `MoELayer.route` is wrapped
+  while the pass is traced, so the trace follows whatever the model's own loop does).
+- `expert_domain_mutual_information(expert_index, domain, E, M)`: I(expert; domain) in nats over
+  the routed token copies, the specialisation measure of the router comparison of issue 11
+  (experiments/routers). "Demons in the Detail: On Implementing Load Balancing Loss for Training
+  Specialized Mixture-of-Expert Models" (Qiu et al. 2025, arXiv:2501.11873) argue that
+  balancing over the global batch rather than each micro-batch lets experts specialise by
+  domain; this is the number that tests it on the synthetic data, whose batches carry each
+  sequence's latent `domain` (never shown to the model).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.moe.layer import MoELayer
+from moejax.moe.routing import Routing
+
+
+@contextlib.contextmanager
+def _recording_routes(model, records: dict):
+  """While open, every `MoELayer.route` call of `model`'s blocks stores its `Routing` in
+  `records` under the layer's metric name (`layer_<i>`, as in `MoEAux.layers`)."""
+  names = {id(block.ffn): f"layer_{i}" for i, block in enumerate(model.blocks)
+           if isinstance(block.ffn, MoELayer)}
+  original = MoELayer.route
+
+  def route(self, *args, **kwargs):
+    routing = original(self, *args, **kwargs)
+    if id(self) in names:
+      records[names[id(self)]] = routing
+    return routing
+
+  MoELayer.route = route
+  try:
+    yield records
+  finally:
+    MoELayer.route = original
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "train"))
+def _trace(graphdef, state, inputs, positions, segment_ids, rng, *, train):
+  model = nnx.merge(graphdef, state)
+  records: dict = {}
+  with _recording_routes(model, records):
+    model(inputs, positions, segment_ids, train=train, rng=rng)
+  return records
+
+
+def routing_trace(model, batch: dict, *, train: bool = False,
+                  rng: jax.Array | None = None) -> dict[str, Routing]:
+  """Each MoE layer's routing decision when `model` (a `moejax.model.Transformer`) runs on
+  `batch`.
+
+  The layers' decisions are those of the router (`Routing`, before any capacity drop of the
+  dispatch). Routers that look at the whole batch (expert choice) decide on this batch as given.
+
+  Args:
+    model: the Transformer (e.g. `nnx.merge(trainer.graphdef, params)`).
+    batch: `inputs` [B, S] int, optional `positions` [B, S] and `segment_ids` [B, S] (other
+      keys, such as `domain`, are ignored).
+    train: route as in training (router noise needs `rng`).
+  Returns:
+    {"layer_<i>": Routing} for the MoE layers, with T = B*S tokens in row order.
+  """
+  graphdef, state = nnx.split(model)
+  inputs = jnp.asarray(batch["inputs"])
+  b, s = inputs.shape
+  positions = batch.get("positions")
+  positions = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)) if positions is None
+               else jnp.asarray(positions))
+  segment_ids = batch.get("segment_ids")
+  segment_ids = jnp.ones((b, s), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
+  return _trace(graphdef, state, inputs, positions, segment_ids, rng, train=train)
+
+
+def expert_domain_mutual_information(expert_index, domain, num_experts: int,
+                                     num_domains: int) -> float:
+  """I(expert; domain) in nats over the routed token copies.
+
+  Every slot (t, k) with expert_index[t, k] = e < E is one draw of the pair (e, domain[t]); the
+  sentinel E ("no expert": padding, drops, unused slots) is not a draw. With p(e, d) the
+  fraction of draws, I = sum_{e,d} p(e, d) log(p(e, d) / (p(e) p(d))) (Cover & Thomas, Elements
+  of Information Theory, 2nd ed., eq. 2.28). It is 0 when the experts chosen do not depend on
+  the domain and at most log(min(E, M)), reached when the domain (uniform) and the expert
+  determine each other.
+
+  Args:
+    expert_index: [T, K] int, in [0, E]; E = no expert.
+    domain: [T] int in [0, M), the domain of each token (`np.repeat(batch["domain"], S)`).
+    num_experts: E; num_domains: M.
+  Returns:
+    The mutual information in nats (0.0 when no copy was routed).
+  """
+  index = np.asarray(expert_index)
+  if index.ndim == 1:
+    index = index[:, None]
+  dom = np.broadcast_to(np.asarray(domain)[:, None], index.shape)
+  routed = (index >= 0) & (index < num_experts)
+  joint = np.zeros((num_experts, num_domains), np.float64)
+  np.add.at(joint, (index[routed], dom[routed]), 1.0)
+  total = joint.sum()
+  if total == 0:
+    return 0.0
+  p = joint / total
+  outer = p.sum(axis=1, keepdims=True) * p.sum(axis=0, keepdims=True)
+  nz = p > 0
+  return float(np.sum(p[nz] * np.log(p[nz] / outer[nz])))
+
+
+def token_domains(batch: dict) -> np.ndarray:
+  """[T] domain of each token of `batch` (its `domain` [B] repeated over the S positions)."""
+  b, s = np.asarray(batch["inputs"]).shape
+  return np.repeat(np.asarray(batch["domain"]), s)
+
+
+def layer_mutual_information(model, batches: list[dict], num_domains: int) -> dict[str, float]:
+  """{"layer_<i>": I(expert; domain)} of `model` (evaluation routing) over the token copies of
+  all `batches` pooled (each a host batch with `domain` [B])."""
+  index: dict[str, list] = {}
+  domains = []
+  num_experts = None
+  for batch in batches:
+    trace = routing_trace(model, batch)
+    for name, routing in trace.items():
+      index.setdefault(name, []).append(np.asarray(routing.expert_index))
+      num_experts = routing.num_experts
+    domains.append(token_domains(batch))
+  dom = np.concatenate(domains)
+  return {name: expert_domain_mutual_information(np.concatenate(parts), dom, num_experts,
+                                                 num_domains)
+          for name, parts in sorted(index.items(), key=lambda kv: int(kv[0].split("_")[1]))}
