@@ -27,12 +27,26 @@ def get_config() -> ml_collections.ConfigDict:
   m.moe_every = 1          # an MoE FFN every N layers (1: all layers, 0: dense model)
   m.tie_embeddings = True
   m.rope_theta = 10_000.0
+  # Options of released MoE families (moejax.interop.hf; README, "Hugging Face checkpoints").
+  m.norm_eps = 1e-6        # RMSNorm epsilon
+  m.qkv_bias = False       # biases on the q, k, v projections (Qwen2-MoE)
+  m.qk_norm = ""           # "" | "head" (per head, Qwen3-MoE) | "full" (over all heads, OLMoE)
+  m.attention = "mha"      # "mha" | "mla": multi-head latent attention (DeepSeek-V2/V3), model.mla
+  m.mla = mla = ml_collections.ConfigDict()
+  mla.q_lora_rank = 0      # rank of the query latent (0: a full-rank query projection)
+  mla.kv_lora_rank = 32    # rank of the key/value latent
+  mla.rope_head_dim = 8    # the RoPE part of head_dim (the rest carries no position)
+  mla.v_head_dim = 16      # value head width
+  m.dense_d_ff = 0         # hidden width of the dense layers' FFN (0: d_ff)
+  m.first_dense_layers = 0  # the first N layers are dense (DeepSeek-V3's first_k_dense_replace)
+  m.dense_layers = ()      # more dense layers by 0-based index (Qwen2-MoE's mlp_only_layers)
 
   m.moe = moe = ml_collections.ConfigDict()
   moe.num_experts = 8
   moe.top_k = 2
   moe.granularity = 1      # E*G experts of width d_ff/G, top K*G (arXiv:2402.07871)
   moe.num_shared_experts = 0
+  moe.shared_expert_gate = False  # scale the shared experts by sigmoid(x w) (Qwen2-MoE)
   moe.expert_type = "swiglu"
   moe.router = "topk"
   moe.router_args = ml_collections.ConfigDict()  # extra keyword arguments of the router
@@ -44,7 +58,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ("all_to_all" | "ring") and the buffers' size in average loads (0: worst case, no drops).
   moe.ep_exchange = "all_to_all"
   moe.ep_capacity_factor = 0.0
-  moe.balance_stats = "global"  # load-balancing loss over the global batch, or per "device"
+  # Load-balancing loss statistics over the global_batch | micro_batch (each device's share) |
+  # sequence (DeepSeek-V3's sequence-wise loss); moejax.moe.layer.balance_groups.
+  moe.lb_loss_scope = "global_batch"
+  # Loss-free balancing (arXiv:2408.15664): per-expert selection bias moved by this much after
+  # each step towards the mean load (0: off; top-k routers only).
+  moe.bias_update_rate = 0.0
   moe.lb_loss_weight = 0.01
   moe.z_loss_weight = 0.001
 

@@ -16,7 +16,6 @@ from moejax.errors import ConfigError
 from moejax.moe.dims import is_moe_layer, moe_dims
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_BALANCE_STATS = ("global", "device")
 _NAN_POLICIES = ("halt", "skip")
 
 
@@ -72,7 +71,19 @@ def set_fields(config: ml_collections.ConfigDict, overrides) -> ml_collections.C
 
 
 # Router constructor arguments the layer supplies; the rest may come from model.moe.router_args.
-_LAYER_SUPPLIED_ROUTER_ARGS = {"self", "d_model", "num_experts", "top_k", "rngs", "param_dtype"}
+_LAYER_SUPPLIED_ROUTER_ARGS = {"self", "d_model", "num_experts", "top_k", "rngs", "param_dtype",
+                               "vocab_size", "bias_update_rate"}
+
+
+def router_arguments(router_cls) -> set[str]:
+  """The `model.moe.router_args` a router takes: its named keyword arguments (its own and its
+  base classes'), less those the layer supplies."""
+  names = set()
+  for cls in router_cls.__mro__:
+    if "__init__" in vars(cls):
+      names |= {n for n, p in inspect.signature(cls.__init__).parameters.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+  return names - _LAYER_SUPPLIED_ROUTER_ARGS
 
 
 def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -80,6 +91,7 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   need); returns it unchanged or raises `ConfigError` with `model.`-prefixed field names."""
   from flax import nnx
   from moejax.moe import DISPATCHERS, EP_EXCHANGES, FFN_FORMS, GMM_BACKENDS, ROUTERS
+  from moejax.moe.layer import LB_LOSS_SCOPES
 
   root, m, moe = {"model": model}, model, model.moe
   for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -99,22 +111,23 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   _check(m.moe_every <= m.num_layers, "model.moe_every", m.moe_every,
          f"0 (dense) or at most model.num_layers={m.num_layers}")
   _check(_is_number(m.rope_theta) and m.rope_theta > 0, "model.rope_theta", m.rope_theta, "a positive number")
+  _validate_model_options(m)
   _check(moe.top_k <= moe.num_experts, "model.moe.top_k", moe.top_k,
          f"at most model.moe.num_experts={moe.num_experts}")
   _check(m.d_ff % moe.granularity == 0, "model.moe.granularity", moe.granularity,
          f"a divisor of model.d_ff={m.d_ff}")
   FFN_FORMS.check(moe.expert_type)
   ROUTERS.check(moe.router)
-  router_args = set(inspect.signature(ROUTERS[moe.router].__init__).parameters)
+  router_args = router_arguments(ROUTERS[moe.router])
   for key in moe.router_args:
-    _check(key in router_args - _LAYER_SUPPLIED_ROUTER_ARGS, f"model.moe.router_args.{key}",
-           moe.router_args[key], f"an argument of router {moe.router!r}: "
-           f"{sorted(router_args - _LAYER_SUPPLIED_ROUTER_ARGS)}")
+    _check(key in router_args, f"model.moe.router_args.{key}", moe.router_args[key],
+           f"an argument of router {moe.router!r}: {sorted(router_args)}")
   # Build the router abstractly (no FLOPs, no compile) so its own argument checks, which raise
   # ConfigError, run now.
   dims = moe_dims(m)
-  nnx.eval_shape(lambda: ROUTERS[moe.router](m.d_model, dims.experts, dims.experts_per_token,
-                                             rngs=nnx.Rngs(0), **moe.router_args))
+  nnx.eval_shape(lambda: ROUTERS[moe.router](
+      m.d_model, dims.experts, dims.experts_per_token, rngs=nnx.Rngs(0),
+      vocab_size=m.vocab_size, bias_update_rate=moe.bias_update_rate, **moe.router_args))
   DISPATCHERS.check(moe.dispatch)
   EP_EXCHANGES.check(moe.ep_exchange)
   GMM_BACKENDS.check(moe.gmm_backend)
@@ -122,11 +135,54 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     _check(_is_number(moe[f]) and (moe[f] > 0 or f == "ep_capacity_factor" and moe[f] == 0),
            f"model.moe.{f}", moe[f], "a number > 0" + (" (0: buffers for the worst case)"
                                                         if f == "ep_capacity_factor" else ""))
-  _check(moe.balance_stats in _BALANCE_STATS, "model.moe.balance_stats", moe.balance_stats,
-         f"one of {_BALANCE_STATS}")
+  _check(moe.lb_loss_scope in LB_LOSS_SCOPES, "model.moe.lb_loss_scope", moe.lb_loss_scope,
+         f"one of {LB_LOSS_SCOPES}")
+  _check(moe.dispatch in ROUTERS[moe.router].dispatch_modes, "model.moe.dispatch", moe.dispatch,
+         f"one of {ROUTERS[moe.router].dispatch_modes} for router {moe.router!r}")
   for f in ("lb_loss_weight", "z_loss_weight"):
     _check(_is_number(moe[f]) and moe[f] >= 0, f"model.moe.{f}", moe[f], "a number >= 0")
   return model
+
+
+def _validate_model_options(m: ml_collections.ConfigDict) -> None:
+  """The options released MoE families need (moejax.interop.hf); each default keeps the plain
+  moejax model. Missing fields take their default (configs written before they existed)."""
+  from moejax.model import ATTENTIONS, QK_NORMS  # noqa: PLC0415
+  get = lambda f, default: m.get(f, default)
+  eps = get("norm_eps", 1e-6)
+  _check(_is_number(eps) and eps > 0, "model.norm_eps", eps, "a number > 0")
+  for f in ("qkv_bias", "tie_embeddings"):
+    _check(isinstance(get(f, False), bool), f"model.{f}", get(f, False), "True or False")
+  _check(get("qk_norm", "") in QK_NORMS, "model.qk_norm", get("qk_norm", ""),
+         f"one of {QK_NORMS}")
+  attention = get("attention", "mha")
+  _check(attention in ATTENTIONS, "model.attention", attention, f"one of {ATTENTIONS}")
+  if attention == "mla":
+    root = {"model": m}
+    for f in ("kv_lora_rank", "rope_head_dim", "v_head_dim"):
+      _positive_int(root, f"model.mla.{f}")
+    _nonneg_int(root, "model.mla.q_lora_rank")
+    r = m.mla.rope_head_dim
+    _check(r % 2 == 0 and r < m.head_dim, "model.mla.rope_head_dim", r,
+           f"an even integer below model.head_dim={m.head_dim} (the q/k head width, RoPE part "
+           "included)")
+    for f, default in (("qkv_bias", False), ("qk_norm", "")):
+      _check(get(f, default) == default, f"model.{f}", get(f, default),
+             f"{default!r} with model.attention='mla' (MLA has its own latent norms)")
+  root = {"model": {"dense_d_ff": get("dense_d_ff", 0),
+                    "first_dense_layers": get("first_dense_layers", 0)}}
+  _nonneg_int(root, "model.dense_d_ff")
+  _nonneg_int(root, "model.first_dense_layers")
+  _check(get("first_dense_layers", 0) <= m.num_layers, "model.first_dense_layers",
+         get("first_dense_layers", 0), f"at most model.num_layers={m.num_layers}")
+  dense = get("dense_layers", ())
+  _check(isinstance(dense, (tuple, list)) and all(
+      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < m.num_layers for i in dense),
+         "model.dense_layers", dense, f"a tuple of layer indices in [0, {m.num_layers})")
+  gate = m.moe.get("shared_expert_gate", False)
+  _check(isinstance(gate, bool) and (not gate or m.moe.num_shared_experts > 0),
+         "model.moe.shared_expert_gate", gate,
+         "True or False; True needs model.moe.num_shared_experts > 0")
 
 
 def _is_number(v) -> bool:

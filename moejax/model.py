@@ -15,7 +15,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moejax.moe import MLP, MoELayer, is_moe_layer
-from moejax.params import logical_param, ones_param
+from moejax.moe.experts import SharedExperts
+from moejax.params import logical_param, ones_param, zeros_param
 
 
 @flax.struct.dataclass
@@ -33,8 +34,10 @@ class MoEAux:
 class RMSNorm(nnx.Module):
   """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), statistics in float32."""
 
-  def __init__(self, dim: int, *, param_dtype=jnp.float32, eps: float = 1e-6):
-    self.scale = ones_param((dim,), ("embed",), param_dtype)
+  def __init__(self, dim: int, *, param_dtype=jnp.float32, eps: float = 1e-6,
+               names: tuple[str, ...] = ("embed",)):
+    """`names`: the logical axis of the scale [dim] (moejax.sharding)."""
+    self.scale = ones_param((dim,), names, param_dtype)
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -59,9 +62,19 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+QK_NORMS = ("", "head", "full")
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with RoPE and grouped-query heads (arXiv:2305.13245), computed
-  by `jax.nn.dot_product_attention`. Packed sequences attend only within their segment."""
+  by `jax.nn.dot_product_attention`. Packed sequences attend only within their segment.
+
+  Options for released checkpoints (moejax.interop.hf): `model.qkv_bias` adds biases to the q,
+  k, v projections (Qwen2, arXiv:2407.10671); `model.qk_norm` RMS-normalises q and k before RoPE
+  ("Scaling Vision Transformers to 22 Billion Parameters", Dehghani et al. 2023,
+  arXiv:2302.05442): per head ("head", Qwen3) or over all heads of the projection at once
+  ("full", OLMoE, arXiv:2409.02060).
+  """
 
   def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     pd = jnp.dtype(m.param_dtype)
@@ -72,18 +85,112 @@ class Attention(nnx.Module):
     self.wk = logical_param(rngs, (d, kv, dh), qkv_std, ("embed", "kv_heads", "head_dim"), pd)
     self.wv = logical_param(rngs, (d, kv, dh), qkv_std, ("embed", "kv_heads", "head_dim"), pd)
     self.wo = logical_param(rngs, (h, dh, d), out_std, ("heads", "head_dim", "embed"), pd)
+    # Biases and "full" norm scales are flat over heads x head_dim: 1-D weights take no weight
+    # decay (moejax.train.make_optimizer), and "heads" shards the flat axis by whole heads.
+    self.bq = self.bk = self.bv = None
+    if m.get("qkv_bias", False):
+      self.bq = zeros_param((h * dh,), ("heads",), pd)
+      self.bk = zeros_param((kv * dh,), ("kv_heads",), pd)
+      self.bv = zeros_param((kv * dh,), ("kv_heads",), pd)
+    self.qk_norm = m.get("qk_norm", "")
+    eps = m.get("norm_eps", 1e-6)
+    self.q_norm = self.k_norm = None
+    if self.qk_norm == "head":
+      self.q_norm = RMSNorm(dh, param_dtype=pd, eps=eps, names=("head_dim",))
+      self.k_norm = RMSNorm(dh, param_dtype=pd, eps=eps, names=("head_dim",))
+    elif self.qk_norm == "full":
+      self.q_norm = RMSNorm(h * dh, param_dtype=pd, eps=eps, names=("heads",))
+      self.k_norm = RMSNorm(kv * dh, param_dtype=pd, eps=eps, names=("kv_heads",))
+
+  def _project(self, x, w, bias, norm):
+    """x: [B, S, D], w: [D, H, Dh] -> [B, S, H, Dh], plus bias, then the qk-norm (if any)."""
+    y = jnp.einsum("bsd,dhk->bshk", x, w[...].astype(self.dtype))
+    if bias is not None:
+      y = y + bias[...].astype(self.dtype).reshape(y.shape[2:])
+    if norm is not None and self.qk_norm == "full":
+      y = norm(y.reshape(*y.shape[:2], -1)).reshape(y.shape)
+    elif norm is not None:
+      y = norm(y)
+    return y
 
   def __call__(self, x, positions, segment_ids):
     """x: [B, S, D], positions: [B, S], segment_ids: [B, S] -> [B, S, D]."""
     x = x.astype(self.dtype)
-    q = rope(jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(self.dtype)), positions, self.theta)
-    k = rope(jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(self.dtype)), positions, self.theta)
-    v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(self.dtype))
+    q = rope(self._project(x, self.wq, self.bq, self.q_norm), positions, self.theta)
+    k = rope(self._project(x, self.wk, self.bk, self.k_norm), positions, self.theta)
+    v = self._project(x, self.wv, self.bv, None)
     # Same-segment mask; with is_causal this is block-diagonal causal attention. Each token sees
     # at least itself, so no softmax row is empty.
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]   # [B, 1, S, S]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
     return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(self.dtype))
+
+
+class LatentAttention(nnx.Module):
+  """Multi-head latent attention (MLA; "DeepSeek-V2: A Strong, Economical, and Efficient
+  Mixture-of-Experts Language Model", arXiv:2405.04434, sec. 2.1; as used by DeepSeek-V3,
+  arXiv:2412.19437): keys and values come up from one RMS-normalised latent c [B, S, L_kv]; each
+  q/k head is a no-position part (head_dim - rope_head_dim) and a RoPE part (rope_head_dim), whose
+  key is one head shared by all heads; queries optionally through a latent of rank L_q too.
+
+  Config `model.attention = "mla"` and `model.mla.*`. Weights: wq_a [D, L_q], q_norm, wq_b
+  [L_q, H, Dh] (or wq [D, H, Dh] when q_lora_rank = 0), wkv_a [D, L_kv], wk_rope [D, R],
+  kv_norm, wk_b [L_kv, H, Dh - R], wv_b [L_kv, H, Dv], wo [H, Dv, D]. RoPE pairs halves, as
+  everywhere in moejax (checkpoints with interleaved pairs are permuted on import).
+  """
+
+  def __init__(self, m: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    pd = jnp.dtype(m.param_dtype)
+    la = m.mla
+    self.dtype, self.theta = jnp.dtype(m.dtype), m.rope_theta
+    d, h, dh = m.d_model, m.num_heads, m.head_dim
+    r, dv, lq, lkv = la.rope_head_dim, la.v_head_dim, la.q_lora_rank, la.kv_lora_rank
+    self.nope = dh - r
+    # DeepSeek's latent norms use eps 1e-6 whatever the model's (its reference implementation).
+    if lq:
+      self.wq_a = logical_param(rngs, (d, lq), d ** -0.5, ("embed", "q_lora"), pd)
+      self.q_norm = RMSNorm(lq, param_dtype=pd, eps=1e-6, names=("q_lora",))
+      self.wq_b = logical_param(rngs, (lq, h, dh), lq ** -0.5, ("q_lora", "heads", "head_dim"),
+                                pd)
+    else:
+      self.wq = logical_param(rngs, (d, h, dh), d ** -0.5, ("embed", "heads", "head_dim"), pd)
+    self.wkv_a = logical_param(rngs, (d, lkv), d ** -0.5, ("embed", "kv_lora"), pd)
+    self.wk_rope = logical_param(rngs, (d, r), d ** -0.5, ("embed", "head_dim"), pd)
+    self.kv_norm = RMSNorm(lkv, param_dtype=pd, eps=1e-6, names=("kv_lora",))
+    self.wk_b = logical_param(rngs, (lkv, h, self.nope), lkv ** -0.5,
+                              ("kv_lora", "heads", "head_dim"), pd)
+    self.wv_b = logical_param(rngs, (lkv, h, dv), lkv ** -0.5, ("kv_lora", "heads", "head_dim"),
+                              pd)
+    self.wo = logical_param(rngs, (h, dv, d), (h * dv) ** -0.5, ("heads", "head_dim", "embed"),
+                            pd)
+
+  def __call__(self, x, positions, segment_ids):
+    """x: [B, S, D], positions: [B, S], segment_ids: [B, S] -> [B, S, D]."""
+    x = x.astype(self.dtype)
+    w = lambda p: p[...].astype(self.dtype)
+    if hasattr(self, "wq_a"):
+      q = jnp.einsum("bsl,lhk->bshk", self.q_norm(x @ w(self.wq_a)), w(self.wq_b))
+    else:
+      q = jnp.einsum("bsd,dhk->bshk", x, w(self.wq))
+    q = jnp.concatenate([q[..., :self.nope], rope(q[..., self.nope:], positions, self.theta)], -1)
+    c = self.kv_norm(x @ w(self.wkv_a))                                       # [B, S, L_kv]
+    k_rope = rope((x @ w(self.wk_rope))[:, :, None, :], positions, self.theta)  # [B, S, 1, R]
+    k_nope = jnp.einsum("bsl,lhk->bshk", c, w(self.wk_b))
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], k_rope.shape[-1]))],
+                        -1)
+    v = jnp.einsum("bsl,lhk->bshk", c, w(self.wv_b))                          # [B, S, H, Dv]
+    # dot_product_attention wants one head width: zero-pad v (or q, k) to the wider one; the
+    # padding adds nothing to q.k or to the output, and the scale stays 1/sqrt(Dh).
+    dh, dv = q.shape[-1], v.shape[-1]
+    width = max(dh, dv)
+    pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, width - a.shape[-1])])
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]   # [B, 1, S, S]
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=mask, is_causal=True,
+                                       scale=dh ** -0.5)[..., :dv]
+    return jnp.einsum("bshk,hkd->bsd", out, w(self.wo))
+
+
+ATTENTIONS = ("mha", "mla")
 
 
 class Block(nnx.Module):
@@ -92,20 +199,28 @@ class Block(nnx.Module):
   def __init__(self, m: ml_collections.ConfigDict, moe: bool, *, rngs: nnx.Rngs,
                mesh: Mesh | None = None):
     pd = jnp.dtype(m.param_dtype)
-    self.attn_norm = RMSNorm(m.d_model, param_dtype=pd)
-    self.attn = Attention(m, rngs=rngs)
-    self.ffn_norm = RMSNorm(m.d_model, param_dtype=pd)
+    eps = m.get("norm_eps", 1e-6)
+    self.attn_norm = RMSNorm(m.d_model, param_dtype=pd, eps=eps)
+    self.attn = (LatentAttention if m.get("attention", "mha") == "mla" else Attention)(m, rngs=rngs)
+    self.ffn_norm = RMSNorm(m.d_model, param_dtype=pd, eps=eps)
     self.is_moe = moe
     self.ffn = (MoELayer(m, rngs=rngs, mesh=mesh) if moe else
-                MLP(m.d_model, m.d_ff, m.moe.expert_type, rngs=rngs, dtype=jnp.dtype(m.dtype),
-                    param_dtype=pd))
+                MLP(m.d_model, m.get("dense_d_ff", 0) or m.d_ff, m.moe.expert_type, rngs=rngs,
+                    dtype=jnp.dtype(m.dtype), param_dtype=pd))
+    if (moe and m.moe.get("shared_expert_gate", False) and self.ffn.shared is not None
+        and not isinstance(self.ffn.shared, SharedExperts)):
+      # Until MoELayer builds SharedExperts itself when model.moe.shared_expert_gate is set.
+      self.ffn.shared = SharedExperts(m.d_model, self.ffn.shared.w["down"].shape[0],
+                                      m.moe.expert_type, rngs=rngs, dtype=jnp.dtype(m.dtype),
+                                      param_dtype=pd)
 
-  def __call__(self, x, positions, segment_ids, *, train, rng):
-    """x: [B, S, D] -> (x [B, S, D], aux_loss, metrics or None)."""
+  def __call__(self, x, positions, segment_ids, *, train, rng, token_ids=None):
+    """x: [B, S, D], token_ids: [B, S] (the model's input ids, for routers that read them)
+    -> (x [B, S, D], aux_loss, metrics or None)."""
     x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
     h = self.ffn_norm(x)
     if self.is_moe:
-      y, aux_loss, metrics = self.ffn(h, segment_ids, train=train, rng=rng)
+      y, aux_loss, metrics = self.ffn(h, segment_ids, train=train, rng=rng, token_ids=token_ids)
     else:
       y, aux_loss, metrics = self.ffn(h), jnp.zeros((), jnp.float32), None
     return x + y.astype(x.dtype), aux_loss, metrics
@@ -122,7 +237,7 @@ class Transformer(nnx.Module):
     self.embed = logical_param(rngs, (m.vocab_size, m.d_model), 1.0, ("vocab", "embed"), pd)
     self.blocks = nnx.List([Block(m, is_moe_layer(m, i), rngs=rngs, mesh=mesh)
                             for i in range(m.num_layers)])
-    self.final_norm = RMSNorm(m.d_model, param_dtype=pd)
+    self.final_norm = RMSNorm(m.d_model, param_dtype=pd, eps=m.get("norm_eps", 1e-6))
     self.head = (None if m.tie_embeddings else
                  logical_param(rngs, (m.d_model, m.vocab_size), m.d_model ** -0.5,
                                ("embed", "vocab"), pd))
@@ -145,7 +260,8 @@ class Transformer(nnx.Module):
     aux_loss, layers = jnp.zeros((), jnp.float32), {}
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x, layer_loss, metrics = block(x, positions, segment_ids, train=train, rng=layer_rng)
+      x, layer_loss, metrics = block(x, positions, segment_ids, train=train, rng=layer_rng,
+                                     token_ids=inputs)
       aux_loss = aux_loss + layer_loss
       if metrics is not None:
         layers[f"layer_{i}"] = metrics

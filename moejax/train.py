@@ -20,6 +20,7 @@ from flax import nnx
 from moejax import checkpoint, data, metrics as metrics_lib, sharding
 from moejax.config import validate
 from moejax.model import Transformer
+from moejax.moe.routing import RouterState
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions")
 
@@ -84,6 +85,12 @@ class Trainer:
     abstract = nnx.eval_shape(self._model)
     self.graphdef, abstract_state = nnx.split(abstract)
     self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, self.mesh))
+    # Router state (e.g. loss-free balancing biases) gets no gradient and no optimizer update;
+    # the routers move it after each step (`_update_router_state`).
+    self.router_state_mask = nnx.to_pure_dict(jax.tree.map(
+        lambda v: isinstance(v, RouterState), abstract_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    self.has_router_state = any(jax.tree.leaves(self.router_state_mask))
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     shardings = self.state_shardings = self._state_shardings()
@@ -133,14 +140,28 @@ class Trainer:
       return lm + aux.aux_loss, (lm, aux)
 
     (_, (lm, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    if self.has_router_state:
+      grads = jax.tree.map(lambda g, is_state: jnp.zeros_like(g) if is_state else g, grads,
+                           self.router_state_mask)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    if self.has_router_state:
+      params = self._update_router_state(params, aux)
     out = {"train/loss": lm, "train/aux_loss": aux.aux_loss,
            "train/grad_norm": optax.tree.norm(grads),
            "train/lr": learning_rate_schedule(self.config.train)(state["step"]),
            **_layer_scalars(aux)}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
             "rng": state["rng"]}, out
+
+  def _update_router_state(self, params, aux):
+    """Each MoE layer's router updates its `RouterState` from this step's global-batch metrics
+    (e.g. loss-free balancing's bias, arXiv:2408.15664); the rest of `params` is unchanged."""
+    model = nnx.merge(self.graphdef, params)
+    for i, block in enumerate(model.blocks):
+      if block.is_moe:
+        block.ffn.router.update_state(aux.layers[f"layer_{i}"])
+    return nnx.to_pure_dict(nnx.state(model))
 
   def _eval_step(self, params, batch):
     loss_sum, count, _ = _forward_loss(self.graphdef, params, batch, train=False, rng=None)

@@ -42,7 +42,7 @@ NAMES = {"model.dtype": ["float32", "bfloat16"], "model.param_dtype": ["float32"
          "model.moe.router": ["topk", "sigmoid"], "model.moe.dispatch": ["dropless", "capacity"],
          "model.moe.expert_type": ["swiglu"], "model.moe.gmm_backend": ["blocked", "ragged_dot"],
          "model.moe.ep_exchange": ["all_to_all", "ring"],
-         "model.moe.balance_stats": ["global"], "data.source": ["synthetic"],
+         "model.moe.lb_loss_scope": ["global_batch"], "data.source": ["synthetic"],
          "data.tokenizer": ["byte"], "train.nan_policy": ["halt", "skip"]}
 
 WRONG_TYPES = st.one_of(st.text(max_size=4), st.none(), st.booleans(),

@@ -279,8 +279,10 @@ def test_group_sizes_and_metrics(oracle_case):
   assert sizes.sum() == t * k
   np.testing.assert_array_equal(sizes, np.bincount(c["idx"].ravel(), minlength=e))
   m = out["metrics"]
-  assert set(m) == {"load", "dropped_frac", "router_entropy", "max_vio", "lb_loss", "z_loss"}
+  assert set(m) == {"load", "dropped_frac", "router_entropy", "max_vio", "lb_loss", "z_loss",
+                    "experts_per_token"}
   np.testing.assert_allclose(m["load"], sizes / (t * k), rtol=1e-6)
+  np.testing.assert_allclose(m["experts_per_token"], k, rtol=1e-6)   # dropless: all K
   moe = c["model"].moe
   np.testing.assert_allclose(out["aux_loss"], moe.lb_loss_weight * m["lb_loss"]
                              + moe.z_loss_weight * m["z_loss"], rtol=1e-6)
@@ -319,6 +321,8 @@ def test_small_capacity_drops_exactly_the_overflow(factor, capacity, seed):
   dropped = int((~keep).sum())
   assert 0 < dropped < idx.size
   assert float(metrics["dropped_frac"]) == pytest.approx(dropped / idx.size, abs=1e-7)
+  # Experts that computed each token, after the drops: kept copies over tokens.
+  assert float(metrics["experts_per_token"]) == pytest.approx(keep.sum() / b / s, rel=1e-6)
   # A token whose copies are all dropped keeps only its residual: the layer adds exactly zero.
   gone = ~keep.any(axis=1)
   assert gone.any()

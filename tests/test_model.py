@@ -226,7 +226,8 @@ def test_moe_aux(base):
   _, aux = _logits(model, _tokens(7))
   assert set(aux.layers) == {"layer_1"}                   # moe_every=2: layer 0 is dense
   m = jax.tree.map(np.asarray, aux.layers["layer_1"])
-  assert set(m) == {"load", "dropped_frac", "router_entropy", "max_vio", "lb_loss", "z_loss"}
+  assert set(m) == {"load", "dropped_frac", "router_entropy", "max_vio", "lb_loss", "z_loss",
+                    "experts_per_token"}
   assert m["load"].shape == (4,) and m["load"].sum() == pytest.approx(1.0)
   moe = config.model.moe
   assert float(aux.aux_loss) == pytest.approx(

@@ -346,10 +346,10 @@ def test_expert_parallel_flops_with_average_buffers(mesh_name, mode):
 
 
 def test_balance_statistics_per_device_or_global():
-  """model.moe.balance_stats: "global" is the one-device loss on any mesh (checked above);
-  "device" is the mean of the loss each of the 8 batch shards computes from its own tokens."""
+  """model.moe.lb_loss_scope: "global_batch" is the one-device loss on any mesh (checked above);
+  "micro_batch" is the mean of the loss each of the 8 batch shards computes from its own tokens."""
   x, ids, cot = _inputs()
-  model = _layer_model("dropless", **{"moe.balance_stats": "device"})
+  model = _layer_model("dropless", **{"moe.lb_loss_scope": "micro_batch"})
   layer = _layer(model, _mesh(MESHES["data8"]))
   spec = NamedSharding(layer.plan.mesh, P("data"))
   out = _layer_outputs(*nnx.split(layer), *(jax.device_put(a, spec) for a in (x, ids, cot)))

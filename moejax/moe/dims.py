@@ -32,5 +32,9 @@ def moe_dims(model: ml_collections.ConfigDict) -> MoEDims:
 
 
 def is_moe_layer(model: ml_collections.ConfigDict, layer: int) -> bool:
-  """Whether 0-based `layer` has an MoE FFN: every `moe_every`-th layer, none when 0."""
-  return model.moe_every > 0 and (layer + 1) % model.moe_every == 0
+  """Whether 0-based `layer` has an MoE FFN: every `moe_every`-th layer (none when 0), except
+  the first `first_dense_layers` layers and those listed in `dense_layers` (DeepSeek-V3's
+  `first_k_dense_replace`, arXiv:2412.19437; Qwen2-MoE's `mlp_only_layers`, arXiv:2407.10671)."""
+  return (model.moe_every > 0 and (layer + 1) % model.moe_every == 0
+          and layer >= model.get("first_dense_layers", 0)
+          and layer not in tuple(model.get("dense_layers", ())))

@@ -126,3 +126,21 @@ class ExpertBank(nnx.Module):
   def weights(self) -> dict:
     """{name: array}: [E, D, F] for the D -> F matrices, [E, F, D] for `down`."""
     return {n: p[...] for n, p in self.w.items()}
+
+
+class SharedExperts(MLP):
+  """Always-on shared experts (one FFN of their summed width, as `MLP`) whose output is scaled
+  per token by a learned sigmoid gate, sigmoid(x w_gate) * FFN(x): Qwen2-MoE's shared expert
+  ("Qwen2 Technical Report", Yang et al. 2024, arXiv:2407.10671, sec. 2.2.2; the gate is
+  `shared_expert_gate` of its reference implementation). `model.moe.shared_expert_gate`."""
+
+  def __init__(self, d_model: int, width: int, ffn_type: str, *, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    super().__init__(d_model, width, ffn_type, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    # A vector, not [D, 1]: 1-D weights take no weight decay (moejax.train.make_optimizer).
+    self.gate = logical_param(rngs, (d_model,), d_model ** -0.5, ("embed",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., D] -> [..., D]."""
+    g = jax.nn.sigmoid(jnp.dot(x.astype(self.dtype), self.gate[...].astype(self.dtype)))
+    return g[..., None] * super().__call__(x)

@@ -30,11 +30,14 @@ class MoELayer(nnx.Module):
     moe = model.moe
     dims = moe_dims(model)
     dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
-    self.plan = DispatchPlan.build(moe, dims.experts, mesh)
-    self.balance_stats = moe.balance_stats
+    self.plan = DispatchPlan.build(moe, dims.experts, mesh,
+                                   experts_per_token=dims.experts_per_token)
+    self.lb_loss_scope = moe.lb_loss_scope
     self.lb_loss_weight, self.z_loss_weight = moe.lb_loss_weight, moe.z_loss_weight
     self.router = ROUTERS[moe.router](model.d_model, dims.experts, dims.experts_per_token,
-                                      rngs=rngs, param_dtype=param_dtype, **moe.router_args)
+                                      rngs=rngs, param_dtype=param_dtype,
+                                      vocab_size=model.vocab_size,
+                                      bias_update_rate=moe.bias_update_rate, **moe.router_args)
     self.experts = ExpertBank(dims.experts, model.d_model, dims.expert_width, moe.expert_type,
                               rngs=rngs, gmm_backend=moe.gmm_backend, dtype=dtype,
                               param_dtype=param_dtype)
@@ -42,27 +45,54 @@ class MoELayer(nnx.Module):
                        dtype=dtype, param_dtype=param_dtype) if dims.shared_width else None)
 
   def route(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool = False,
-            rng: jax.Array | None = None) -> Routing:
-    """x: [T, D], token_mask: [T] bool (False: padding) -> the router's decision."""
-    groups = self.plan.num_batch_shards if self.balance_stats == "device" else 1
-    return self.router(x, token_mask, train=train, rng=rng, balance_groups=groups)
+            rng: jax.Array | None = None, token_ids: jax.Array | None = None,
+            num_sequences: int = 1) -> Routing:
+    """x: [T, D], token_mask: [T] bool (False: padding), token_ids: [T] int -> the router's
+    decision. `num_sequences`: B, the rows the T tokens come from (for `lb_loss_scope` =
+    sequence)."""
+    groups = balance_groups(self.lb_loss_scope, self.plan.num_batch_shards, num_sequences)
+    return self.router(x, token_mask, train=train, rng=rng, balance_groups=groups,
+                       token_ids=token_ids)
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, *, train: bool = False,
-               rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
-    """x: [B, S, D], segment_ids: [B, S] (0: padding, not routed) -> (y [B, S, D], weighted
-    aux loss (scalar), metrics {name: array}).
+               rng: jax.Array | None = None,
+               token_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+    """x: [B, S, D], segment_ids: [B, S] (0: padding, not routed), token_ids: [B, S] (input
+    ids, for routers that read them) -> (y [B, S, D], weighted aux loss (scalar), metrics
+    {name: array}).
 
-    Metrics: `load` [E], `dropped_frac`, `router_entropy`, `max_vio`, `lb_loss`, `z_loss`.
+    Metrics: `load` [E], `dropped_frac`, `experts_per_token` (experts that computed each routed
+    token, after drops), `router_entropy`, `max_vio`, `lb_loss`, `z_loss` and the router's own.
     """
     b, s, d = x.shape
     xt = x.reshape(b * s, d)
     mask = None if segment_ids is None else segment_ids.reshape(b * s) > 0
-    routing = self.route(xt, mask, train=train, rng=rng)
+    ids = None if token_ids is None else token_ids.reshape(b * s)
+    routing = self.route(xt, mask, train=train, rng=rng, token_ids=ids, num_sequences=b)
     y, dispatch_metrics = dispatch(xt, routing.expert_index, routing.combine_weights,
                                    self.experts.weights(), ffn=self.experts.ffn, plan=self.plan)
     if self.shared is not None:
       y = y + self.shared(xt)
     losses = routing.aux_losses
-    aux_loss = (self.lb_loss_weight * losses["lb_loss"] + self.z_loss_weight * losses["z_loss"])
-    metrics = {**routing.metrics, **dispatch_metrics, **losses}
+    aux_loss = (self.lb_loss_weight * losses["lb_loss"] + self.z_loss_weight * losses["z_loss"]
+                + losses.get("router_loss", 0.0))
+    copies = jnp.sum(routing.group_sizes).astype(jnp.float32)
+    tokens = jnp.maximum(jnp.sum(routing.token_mask.astype(jnp.float32)), 1.0)
+    metrics = {**routing.metrics, **dispatch_metrics, **losses,
+               "experts_per_token": copies * (1.0 - dispatch_metrics["dropped_frac"]) / tokens}
     return y.reshape(b, s, d).astype(x.dtype), aux_loss, metrics
+
+
+LB_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")
+
+
+def balance_groups(scope: str, num_batch_shards: int, num_sequences: int) -> int:
+  """How many equal groups of consecutive tokens the load-balancing loss averages over.
+
+  `global_batch`: one, the whole batch ("Demons in the Detail: On Implementing Load Balancing
+  Loss for Training Specialized Mixture-of-Expert Models", Qiu et al. 2025, arXiv:2501.11873);
+  `micro_batch`: one per device's share of the batch (the statistics each device sees alone,
+  what most codebases compute); `sequence`: one per row, DeepSeek-V3's sequence-wise balance
+  loss (arXiv:2412.19437, eqs. 17-20).
+  """
+  return {"global_batch": 1, "micro_batch": num_batch_shards, "sequence": num_sequences}[scope]

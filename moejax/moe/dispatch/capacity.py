@@ -74,7 +74,7 @@ def capacity_dispatch(x: jax.Array, expert_index: jax.Array, combine_weights: ja
   t, d = x.shape
   e, k, r = plan.num_experts, expert_index.shape[1], plan.routing_group
   g = t // r
-  cap = expert_capacity(r, e, k, plan.capacity_factor)
+  cap = expert_capacity(r, e, plan.experts_per_token or k, plan.capacity_factor)
   dispatch, combine = jax.vmap(capacity_masks, in_axes=(0, 0, None, None))(
       expert_index.reshape(g, r, k), combine_weights.reshape(g, r, k), e, cap)  # [G, R, E, C]
   expert_in = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x.reshape(g, r, d))

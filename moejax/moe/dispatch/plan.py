@@ -29,6 +29,8 @@ class DispatchPlan:
     batch_axes: the mesh axes (size > 1) the tokens are split over.
     expert_axis: `expert` when EP > 1 (the experts are split over it), else None.
     tensor_axis: `tensor` when it has size > 1 (the expert width F is split over it), else None.
+    experts_per_token: K of the config, which sizes the capacity C; 0: the routing's slot
+      count (routers with a variable number of experts per token have more slots than K).
   """
   dispatch: str
   num_experts: int
@@ -40,9 +42,11 @@ class DispatchPlan:
   batch_axes: tuple[str, ...] = ()
   expert_axis: str | None = None
   tensor_axis: str | None = None
+  experts_per_token: int = 0
 
   @classmethod
-  def build(cls, moe, num_experts: int, mesh: Mesh | None = None) -> "DispatchPlan":
+  def build(cls, moe, num_experts: int, mesh: Mesh | None = None,
+            experts_per_token: int = 0) -> "DispatchPlan":
     """From the `model.moe` config subtree, the bank's E and the mesh (None: no mesh)."""
     sizes = {} if mesh is None else dict(mesh.shape)
     batch = DEFAULT_RULES["batch"]
@@ -55,7 +59,7 @@ class DispatchPlan:
                routing_group=moe.routing_group, capacity_factor=float(moe.capacity_factor),
                ep_exchange=moe.ep_exchange, ep_capacity_factor=float(moe.ep_capacity_factor),
                mesh=mesh if used else None, batch_axes=batch_axes, expert_axis=expert_axis,
-               tensor_axis=tensor_axis)
+               tensor_axis=tensor_axis, experts_per_token=experts_per_token)
 
   @property
   def token_axes(self) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.errors import ConfigError
 from moejax.moe import balance
 from moejax.params import logical_param
 from moejax.registry import Registry
@@ -74,42 +75,111 @@ def top_k_lowest_index(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
   return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
+class RouterState(nnx.Variable):
+  """Router state that the optimizer never touches: the trainer zeroes its gradient and the
+  router updates it after each step (`Router.update_state`), e.g. the selection bias of
+  loss-free balancing or ReMoE's adaptive L1 coefficient. Checkpointed with the parameters."""
+
+
 class Router(nnx.Module):
   """Base router: a linear gate W [D, E] giving float32 logits, then `decide`.
 
-  Subclasses implement `decide(logits [T, E], *, train, rng) -> (expert_index [T, K],
-  combine_weights [T, K], router_probs [T, E])` as a pure function of the logits; this class
-  masks the padding, adds group sizes, losses and metrics, so every router returns the same
-  `Routing`.
+  Subclasses implement `decide(logits [T, E], *, train, rng, token_ids) -> (expert_index [T, K],
+  combine_weights [T, K], router_probs [T, E])`; this class masks the padding, adds group sizes,
+  losses and metrics, so every router returns the same `Routing`. K is the router's slot count
+  (`num_slots`): the config's top-k for token-choice routers, more for routers that give a
+  token a variable number of experts (unused slots hold the "no expert" index E).
+
+  Class attributes a router sets to say what it is (`moejax.moe.routing.describe` lists them):
+    causal: a token's routing depends on no later token.
+    batch_independent: a token's routing depends on no other sequence of the batch.
+    dispatch_modes: the `model.moe.dispatch` strategies it works with.
+    selection_bias: accepts loss-free balancing (`bias_update_rate`): a per-expert bias added to
+      the scores for the top-k selection only ("Auxiliary-Loss-Free Load Balancing Strategy for
+      Mixture-of-Experts", Wang et al. 2024, arXiv:2408.15664).
+  Constructor arguments every router takes (the layer supplies them):
+    vocab_size: V of the model (routers that read token ids).
+    bias_update_rate: u of loss-free balancing; 0 = off. After each step the bias moves by
+      b_e += u * sign(mean load - load_e) over the global batch (`update_state`).
   """
+  causal: bool = True
+  batch_independent: bool = True
+  selection_bias: bool = False
+  dispatch_modes: tuple[str, ...] = ("capacity", "dropless")
 
   def __init__(self, d_model: int, num_experts: int, top_k: int, *, rngs: nnx.Rngs,
-               param_dtype=jnp.float32):
-    self.num_experts, self.top_k = num_experts, top_k
+               param_dtype=jnp.float32, vocab_size: int | None = None,
+               bias_update_rate: float = 0.0):
+    self.num_experts, self.top_k, self.vocab_size = num_experts, top_k, vocab_size
+    if bias_update_rate and not self.selection_bias:
+      raise ConfigError("model.moe.bias_update_rate", bias_update_rate,
+                        f"0 for router {type(self).__name__}, which selects no top-k of "
+                        "scores (loss-free balancing biases a top-k selection)")
+    if not (isinstance(bias_update_rate, (int, float)) and bias_update_rate >= 0):
+      raise ConfigError("model.moe.bias_update_rate", bias_update_rate, "a number >= 0")
+    self.bias_update_rate = float(bias_update_rate)
     self.gate = logical_param(rngs, (d_model, num_experts), d_model ** -0.5,
                               ("embed", "expert"), param_dtype)
+    self.bias = (RouterState(jnp.zeros((num_experts,), jnp.float32))
+                 if self.uses_bias() else None)
+
+  def uses_bias(self) -> bool:
+    """Whether this router keeps a selection bias (loss-free balancing is on)."""
+    return self.bias_update_rate > 0
+
+  @property
+  def num_slots(self) -> int:
+    """K of the `Routing` this router returns."""
+    return self.top_k
 
   def logits(self, x: jax.Array, *, train: bool, rng: jax.Array | None) -> jax.Array:
     """x: [T, D] -> router logits [T, E] in float32."""
     del train, rng
     return jnp.dot(x.astype(jnp.float32), self.gate[...].astype(jnp.float32))
 
-  def decide(self, logits, *, train, rng):
+  def select(self, scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k of `scores` [T, E] plus the selection bias (if any); returns (the unbiased scores
+    of the chosen experts [T, k], their indices [T, k] int32): the bias changes which experts
+    are chosen, never the gates (arXiv:2408.15664, eq. 3)."""
+    if self.bias is None:
+      return top_k_lowest_index(scores, k)
+    _, index = top_k_lowest_index(scores + self.bias[...], k)
+    return jnp.take_along_axis(scores, index, axis=-1), index
+
+  def decide(self, logits, *, train, rng, token_ids):
     raise NotImplementedError
 
+  def update_state(self, metrics: dict) -> None:
+    """After an optimizer step: b_e += u * sign(mean load - load_e) (arXiv:2408.15664, Alg. 1),
+    `metrics["load"]` [E] being the global batch's load of this layer. Subclasses with other
+    state extend this."""
+    if self.bias is not None and self.bias_update_rate > 0:
+      load = metrics["load"].astype(jnp.float32)
+      self.bias[...] = self.bias[...] + self.bias_update_rate * jnp.sign(jnp.mean(load) - load)
+
+  def extra_losses(self, logits, probs, expert_index, combine_weights, token_mask) -> dict:
+    """Router-specific losses, already weighted (added to the model loss as they are) and
+    metrics; {} by default. Arrays as in `decide`, token_mask [T] bool."""
+    del logits, probs, expert_index, combine_weights, token_mask
+    return {}
+
   def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool = False,
-               rng: jax.Array | None = None, balance_groups: int = 1) -> Routing:
-    """x: [T, D], token_mask: [T] bool (False: padding, not routed) -> Routing.
+               rng: jax.Array | None = None, balance_groups: int = 1,
+               token_ids: jax.Array | None = None) -> Routing:
+    """x: [T, D], token_mask: [T] bool (False: padding, not routed), token_ids: [T] int (the
+    model's input ids; routers that hash them need them) -> Routing.
 
     `balance_groups` n > 1 computes the load-balancing loss per group of T/n consecutive
-    tokens (per device) and averages it (see `balance.load_balancing_loss`).
+    tokens (per device, or per sequence: `model.moe.lb_loss_scope`) and averages it (see
+    `balance.load_balancing_loss`).
     """
     if rng is not None:
       rng_logits, rng_decide = jax.random.split(rng)
     else:
       rng_logits = rng_decide = None
     logits = self.logits(x, train=train, rng=rng_logits)
-    expert_index, combine_weights, probs = self.decide(logits, train=train, rng=rng_decide)
+    expert_index, combine_weights, probs = self.decide(logits, train=train, rng=rng_decide,
+                                                       token_ids=token_ids)
     if token_mask is not None:
       expert_index = jnp.where(token_mask[:, None], expert_index, self.num_experts)
       combine_weights = jnp.where(token_mask[:, None], combine_weights, 0.0)
@@ -117,14 +187,18 @@ class Router(nnx.Module):
       token_mask = jnp.ones(x.shape[:1], bool)
     # The sentinel E falls outside `length` and is not counted.
     group_sizes = jnp.bincount(expert_index.reshape(-1), length=self.num_experts).astype(jnp.int32)
+    extra = self.extra_losses(logits, probs, expert_index, combine_weights, token_mask)
+    aux_losses = {"lb_loss": balance.load_balancing_loss(probs, expert_index, token_mask,
+                                                         balance_groups),
+                  "z_loss": balance.router_z_loss(logits, token_mask)}
+    if "router_loss" in extra:
+      aux_losses["router_loss"] = extra.pop("router_loss")
     return Routing(
         expert_index=expert_index.astype(jnp.int32),
         combine_weights=combine_weights.astype(jnp.float32),
         group_sizes=group_sizes,
         router_probs=probs,
         token_mask=token_mask,
-        aux_losses={"lb_loss": balance.load_balancing_loss(probs, expert_index, token_mask,
-                                                           balance_groups),
-                    "z_loss": balance.router_z_loss(logits, token_mask)},
-        metrics=balance.routing_metrics(probs, group_sizes, token_mask),
+        aux_losses=aux_losses,
+        metrics={**balance.routing_metrics(probs, group_sizes, token_mask), **extra},
     )
