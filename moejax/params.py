@@ -19,3 +19,8 @@ def logical_param(rngs: nnx.Rngs, shape: tuple[int, ...], stddev: float,
 def ones_param(shape: tuple[int, ...], names: tuple[str, ...], dtype=jnp.float32) -> nnx.Param:
   """A weight of ones (a norm scale) with logical axis `names`."""
   return nnx.Param(jnp.ones(shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def zeros_param(shape: tuple[int, ...], names: tuple[str, ...], dtype=jnp.float32) -> nnx.Param:
+  """A weight of zeros (a bias) with logical axis `names`."""
+  return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names, eager_sharding=False)
