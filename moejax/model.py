@@ -87,20 +87,22 @@ class Attention(nnx.Module):
     self.wo = logical_param(rngs, (h, dh, d), out_std, ("heads", "head_dim", "embed"), pd)
     # Biases and "full" norm scales are flat over heads x head_dim: 1-D weights take no weight
     # decay (moejax.train.make_optimizer), and "heads" shards the flat axis by whole heads.
-    self.bq = self.bk = self.bv = None
     if m.get("qkv_bias", False):
       self.bq = zeros_param((h * dh,), ("heads",), pd)
       self.bk = zeros_param((kv * dh,), ("kv_heads",), pd)
       self.bv = zeros_param((kv * dh,), ("kv_heads",), pd)
+    else:
+      self.bq = self.bk = self.bv = None
     self.qk_norm = m.get("qk_norm", "")
     eps = m.get("norm_eps", 1e-6)
-    self.q_norm = self.k_norm = None
-    if self.qk_norm == "head":
-      self.q_norm = RMSNorm(dh, param_dtype=pd, eps=eps, names=("head_dim",))
-      self.k_norm = RMSNorm(dh, param_dtype=pd, eps=eps, names=("head_dim",))
-    elif self.qk_norm == "full":
-      self.q_norm = RMSNorm(h * dh, param_dtype=pd, eps=eps, names=("heads",))
-      self.k_norm = RMSNorm(kv * dh, param_dtype=pd, eps=eps, names=("kv_heads",))
+    if self.qk_norm:
+      per_head = self.qk_norm == "head"
+      self.q_norm = RMSNorm(dh if per_head else h * dh, param_dtype=pd, eps=eps,
+                            names=("head_dim",) if per_head else ("heads",))
+      self.k_norm = RMSNorm(dh if per_head else kv * dh, param_dtype=pd, eps=eps,
+                            names=("head_dim",) if per_head else ("kv_heads",))
+    else:
+      self.q_norm = self.k_norm = None
 
   def _project(self, x, w, bias, norm):
     """x: [B, S, D], w: [D, H, Dh] -> [B, S, H, Dh], plus bias, then the qk-norm (if any)."""
@@ -130,12 +132,13 @@ class LatentAttention(nnx.Module):
   """Multi-head latent attention (MLA; "DeepSeek-V2: A Strong, Economical, and Efficient
   Mixture-of-Experts Language Model", arXiv:2405.04434, sec. 2.1; as used by DeepSeek-V3,
   arXiv:2412.19437): keys and values come up from one RMS-normalised latent c [B, S, L_kv]; each
-  q/k head is a no-position part (head_dim - rope_head_dim) and a RoPE part (rope_head_dim), whose
-  key is one head shared by all heads; queries optionally through a latent of rank L_q too.
+  q/k head is a no-position part (Dh - R) and a RoPE part (R) whose key is one head shared by all
+  heads; queries optionally pass through a latent of rank L_q too.
 
-  Config `model.attention = "mla"` and `model.mla.*`. Weights: wq_a [D, L_q], q_norm, wq_b
-  [L_q, H, Dh] (or wq [D, H, Dh] when q_lora_rank = 0), wkv_a [D, L_kv], wk_rope [D, R],
-  kv_norm, wk_b [L_kv, H, Dh - R], wv_b [L_kv, H, Dv], wo [H, Dv, D]. RoPE pairs halves, as
+  Config `model.attention = "mla"` and `model.mla.*`; Dh = `model.head_dim` (RoPE part
+  included). Weights: wq_a [D, L_q], q_norm, wq_b [L_q, H, Dh] (or wq [D, H, Dh] when
+  q_lora_rank = 0); wkv_a [D, L_kv + R] (the latent and the shared RoPE key, W^DKV and W^KR);
+  kv_norm; wkv_b [L_kv, H, Dh - R + Dv] (W^UK and W^UV); wo [H, Dv, D]. RoPE pairs halves, as
   everywhere in moejax (checkpoints with interleaved pairs are permuted on import).
   """
 
@@ -145,7 +148,7 @@ class LatentAttention(nnx.Module):
     self.dtype, self.theta = jnp.dtype(m.dtype), m.rope_theta
     d, h, dh = m.d_model, m.num_heads, m.head_dim
     r, dv, lq, lkv = la.rope_head_dim, la.v_head_dim, la.q_lora_rank, la.kv_lora_rank
-    self.nope = dh - r
+    self.nope, self.kv_lora = dh - r, lkv
     # DeepSeek's latent norms use eps 1e-6 whatever the model's (its reference implementation).
     if lq:
       self.wq_a = logical_param(rngs, (d, lq), d ** -0.5, ("embed", "q_lora"), pd)
@@ -154,13 +157,10 @@ class LatentAttention(nnx.Module):
                                 pd)
     else:
       self.wq = logical_param(rngs, (d, h, dh), d ** -0.5, ("embed", "heads", "head_dim"), pd)
-    self.wkv_a = logical_param(rngs, (d, lkv), d ** -0.5, ("embed", "kv_lora"), pd)
-    self.wk_rope = logical_param(rngs, (d, r), d ** -0.5, ("embed", "head_dim"), pd)
+    self.wkv_a = logical_param(rngs, (d, lkv + r), d ** -0.5, ("embed", "kv_lora"), pd)
     self.kv_norm = RMSNorm(lkv, param_dtype=pd, eps=1e-6, names=("kv_lora",))
-    self.wk_b = logical_param(rngs, (lkv, h, self.nope), lkv ** -0.5,
-                              ("kv_lora", "heads", "head_dim"), pd)
-    self.wv_b = logical_param(rngs, (lkv, h, dv), lkv ** -0.5, ("kv_lora", "heads", "head_dim"),
-                              pd)
+    self.wkv_b = logical_param(rngs, (lkv, h, self.nope + dv), lkv ** -0.5,
+                               ("kv_lora", "heads", "head_dim"), pd)
     self.wo = logical_param(rngs, (h, dv, d), (h * dv) ** -0.5, ("heads", "head_dim", "embed"),
                             pd)
 
@@ -171,19 +171,18 @@ class LatentAttention(nnx.Module):
     if hasattr(self, "wq_a"):
       q = jnp.einsum("bsl,lhk->bshk", self.q_norm(x @ w(self.wq_a)), w(self.wq_b))
     else:
-      q = jnp.einsum("bsd,dhk->bshk", x, w(self.wq))
+      q = jnp.einsum("bsd,dhk->bshk", x, w(self.wq))                        # [B, S, H, Dh]
     q = jnp.concatenate([q[..., :self.nope], rope(q[..., self.nope:], positions, self.theta)], -1)
-    c = self.kv_norm(x @ w(self.wkv_a))                                       # [B, S, L_kv]
-    k_rope = rope((x @ w(self.wk_rope))[:, :, None, :], positions, self.theta)  # [B, S, 1, R]
-    k_nope = jnp.einsum("bsl,lhk->bshk", c, w(self.wk_b))
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], k_rope.shape[-1]))],
-                        -1)
-    v = jnp.einsum("bsl,lhk->bshk", c, w(self.wv_b))                          # [B, S, H, Dv]
-    # dot_product_attention wants one head width: zero-pad v (or q, k) to the wider one; the
-    # padding adds nothing to q.k or to the output, and the scale stays 1/sqrt(Dh).
+    ckv = x @ w(self.wkv_a)                                                   # [B, S, L_kv + R]
+    kv = jnp.einsum("bsl,lhk->bshk", self.kv_norm(ckv[..., :self.kv_lora]), w(self.wkv_b))
+    k_nope, v = kv[..., :self.nope], kv[..., self.nope:]                      # v: [B, S, H, Dv]
+    k_rope = rope(ckv[:, :, None, self.kv_lora:], positions, self.theta)      # [B, S, 1, R]
+    k = jnp.concatenate(
+        [k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], k_rope.shape[-1]))], -1)
+    # dot_product_attention wants one head width: zero-pad the narrower of q/k and v; padding
+    # adds nothing to q.k or to the output, and the scale stays 1/sqrt(Dh).
     dh, dv = q.shape[-1], v.shape[-1]
-    width = max(dh, dv)
-    pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, width - a.shape[-1])])
+    pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, max(dh, dv) - a.shape[-1])])
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]   # [B, 1, S, S]
     out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=mask, is_causal=True,
                                        scale=dh ** -0.5)[..., :dv]

@@ -33,6 +33,10 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "expert": "expert",
     "expert_mlp": "tensor",
+    # Multi-head latent attention's latent widths (moejax.model.LatentAttention): small, kept
+    # whole on every device.
+    "q_lora": None,
+    "kv_lora": None,
 }
 
 
