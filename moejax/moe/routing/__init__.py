@@ -6,5 +6,9 @@ router family) and import that file below; the layer and the configs need no cha
 """
 from moejax.moe.routing.base import ROUTERS, Router, RouterState, Routing, top_k_lowest_index
 from moejax.moe.routing import topk  # noqa: F401  (registers topk, sigmoid, switch)
+from moejax.moe.routing import base_layers  # noqa: F401  (registers base: BASE layers)
+from moejax.moe.routing import cosine  # noqa: F401  (registers cosine: X-MoE)
+from moejax.moe.routing import expert_choice  # noqa: F401  (registers expert_choice)
+from moejax.moe.routing import top_p  # noqa: F401  (registers top_p)
 
 __all__ = ["ROUTERS", "Router", "RouterState", "Routing", "top_k_lowest_index"]
