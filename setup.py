@@ -15,6 +15,16 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6.5",
     "matplotlib>=3.11",
     "absl-py>=2.5",
+    # moejax.interop.hf reads and writes Hugging Face checkpoints (numpy only, never torch).
+    "safetensors>=0.8",
+]
+
+# Parity tests of moejax.interop.hf against transformers (test-only: the loader never imports
+# torch). torch is pinned: a bare `torch` pulls a CUDA build of several GB; 2.13.0's CPU build
+# installs with plain pip here.
+HF = [
+    "torch==2.13.0",
+    "transformers>=5.23.0",
 ]
 
 # Real corpora (moejax/data: TFDS data sources, Grain pipeline, SentencePiece); no TensorFlow.
@@ -30,6 +40,7 @@ DATA = [
 
 EXTRAS = {
     "data": DATA,
+    "hf": HF,
     "test": [
         "pytest>=9.0",
         "pytest-xdist>=3.8",   # make test runs the test files in 2 processes
@@ -38,6 +49,7 @@ EXTRAS = {
         "nbformat>=5.11",
         "ipykernel>=7.4",
         *DATA,
+        *HF,
     ],
     "notebooks": [
         "jupyterlab>=4.0",
