@@ -8,6 +8,8 @@ WORKDIR ?= runs/default
 TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
 # Test files run in this many processes (pytest-xdist; one file stays in one process, so its
 # shared compiled functions are compiled once). Most of the suite is single-threaded compiling.
+# Files are handed out in tests/conftest.py's order, slowest first (--no-loadscope-reorder keeps
+# xdist from sorting them by test count, which put the slow one-test files last).
 TEST_WORKERS ?= 2
 
 .PHONY: train test bench setup clean
@@ -24,7 +26,7 @@ train: $(VENV)/.installed
 	$(PY) -m moejax.main --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py
