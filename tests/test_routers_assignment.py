@@ -213,7 +213,7 @@ def _cosine_ref(router, x):
   h = np.asarray(x, np.float64) @ proj
   h /= np.linalg.norm(h, axis=-1, keepdims=True)
   w = w / np.linalg.norm(w, axis=0, keepdims=True)
-  scale = min(math.exp(float(router.log_inv_temperature[...])), MAX_INV_TEMPERATURE)
+  scale = min(math.exp(float(router.log_inv_temperature[...][0])), MAX_INV_TEMPERATURE)
   return h @ w * scale
 
 

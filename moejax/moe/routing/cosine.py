@@ -74,11 +74,12 @@ class CosineRouter(TopKRouter):
                               param_dtype)
     self.expert_embed = logical_param(rngs, (routing_dim, num_experts), 1.0, (None, "expert"),
                                       param_dtype)
-    self.log_inv_temperature = nnx.Param(jnp.asarray(math.log(1 / temperature), jnp.float32),
-                                         out_sharding=(), eager_sharding=False)
+    # [1], not a scalar: every parameter has a leading axis (initialisers and tests rely on it).
+    self.log_inv_temperature = nnx.Param(jnp.full((1,), math.log(1 / temperature), jnp.float32),
+                                         out_sharding=(None,), eager_sharding=False)
 
   def logits(self, x, *, train, rng):
     """x: [T, D] -> logits [T, E] in float32, |logits| <= 1/tau."""
     del train, rng
     return cosine_logits(x, self.proj[...], self.expert_embed[...],
-                         self.log_inv_temperature[...])
+                         self.log_inv_temperature[...][0])
