@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
 from moejax.metrics import read_metrics
@@ -45,8 +46,13 @@ OVERRIDES = {"train.checkpoint_every": 2, "train.eval_every": 2, "train.keep_che
 
 def test_a_failing_write_names_the_path_and_a_restart_uses_the_previous_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  # The test process's devices and compilation cache (conftest.py): the restart and the straight
+  # run below take the child's compiled programs from the cache instead of compiling them again.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
+             str(jax.config.jax_persistent_cache_min_compile_time_secs)}
   proc = subprocess.run([sys.executable, "-c", CHILD, ROOT, workdir, json.dumps(OVERRIDES)],
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 3, (proc.stdout + proc.stderr)[-3000:]
