@@ -207,6 +207,16 @@ def test_missing_tensors_are_an_error_and_unused_ones_are_listed(saved, tmp_path
     mhf.load(str(tmp_path))
 
 
+def test_reader_reads_bfloat16_and_sharded_folders_without_torch(tmp_path):
+  from safetensors.torch import save_file
+  save_file({"a": torch.arange(4, dtype=torch.bfloat16)}, str(tmp_path / "one.safetensors"))
+  save_file({"b": torch.ones(2)}, str(tmp_path / "two.safetensors"))
+  reader = mhf.CheckpointReader(str(tmp_path))
+  assert reader.names() == {"a", "b"}
+  a = reader.read("a")
+  assert a.dtype.name == "bfloat16" and a.astype(np.float32).tolist() == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("name,field,value", [
     ("mixtral", "sliding_window", 4096),
     ("mixtral", "tie_word_embeddings", True),
@@ -225,3 +235,28 @@ def test_unsupported_options_are_refused_naming_the_field(name, field, value):
   hf[field] = value
   with pytest.raises(mhf.UnsupportedCheckpoint, match=f"config.json:{field}"):
     mhf.moejax_config(hf)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"model.qk_norm": "layer"}, "model.qk_norm"),
+    ({"model.attention": "gqa"}, "model.attention"),
+    ({"model.norm_eps": 0.0}, "model.norm_eps"),
+    ({"model.first_dense_layers": 9}, "model.first_dense_layers"),
+    ({"model.dense_layers": (7,)}, "model.dense_layers"),
+    ({"model.moe.shared_expert_gate": True}, "model.moe.shared_expert_gate"),
+    ({"model.attention": "mla", "model.mla.rope_head_dim": 3}, "model.mla.rope_head_dim"),
+    ({"model.attention": "mla", "model.qk_norm": "head"}, "model.qk_norm"),
+])
+def test_model_options_are_validated(overrides, field):
+  from moejax.config import validate_model
+  from moejax.errors import ConfigError
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    validate_model(load_config(**overrides).model)
+
+
+def test_export_refuses_a_model_the_family_cannot_express(loaded, tmp_path):
+  from moejax.errors import ConfigError
+  model, config, _ = loaded["mixtral"]
+  config = load_config(**{"model.tie_embeddings": True})
+  with pytest.raises(ConfigError, match="model.tie_embeddings"):
+    mhf.save({}, config, str(tmp_path), model_type="mixtral")

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors reads bf16 as it)
 import numpy as np
 from flax import nnx
 from flax import traverse_util
@@ -280,7 +281,9 @@ def save(params, config: ml_collections.ConfigDict, hf_dir: str, *,
   for t in fam.table(m, hf):
     p = flat[t.path]
     value = p[t.expert] if t.expert is not None else p
-    tensors[t.name] = np.ascontiguousarray(t.transform.save(np.asarray(jax.device_get(value))))
+    # float32 whatever the parameter dtype (config.json says so).
+    tensors[t.name] = np.ascontiguousarray(
+        t.transform.save(np.asarray(jax.device_get(value)).astype(np.float32)))
   os.makedirs(hf_dir, exist_ok=True)
   with open(os.path.join(hf_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2, sort_keys=True)
