@@ -254,9 +254,8 @@ def test_model_options_are_validated(overrides, field):
     validate_model(load_config(**overrides).model)
 
 
-def test_export_refuses_a_model_the_family_cannot_express(loaded, tmp_path):
+def test_export_refuses_a_model_the_family_cannot_express(tmp_path):
   from moejax.errors import ConfigError
-  model, config, _ = loaded["mixtral"]
   config = load_config(**{"model.tie_embeddings": True})
   with pytest.raises(ConfigError, match="model.tie_embeddings"):
     mhf.save({}, config, str(tmp_path), model_type="mixtral")

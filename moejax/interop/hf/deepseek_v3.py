@@ -26,10 +26,10 @@ def to_moejax(hf: dict) -> dict:
                   "1 (transformers ignores it: every layer after the dense ones is MoE)")
   t.refuse_unless(hf, "n_routed_experts", lambda v: v % hf.get("n_group", 1) == 0,
                   f"a multiple of n_group={hf.get('n_group')}")
+  common = t.common_config(hf)
   if ROUTER not in ROUTERS:
     raise t.UnsupportedCheckpoint("model_type", MODEL_TYPE, "a family whose router moejax has: "
                                   f"router {ROUTER!r} is not registered yet (router zoo)")
-  common = t.common_config(hf)
   nope, rope = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
   return {**common,
           "model.head_dim": nope + rope,
