@@ -9,6 +9,8 @@ parameter. torch is never imported.
 
 Writing (`save`) gathers one parameter at a time to the host and writes config.json and
 model.safetensors (safetensors.numpy), which transformers loads.
+
+Not a paper implementation: checkpoint plumbing (the families' modules cite their papers).
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ A family's table is a list of `Tensor`s, one per checkpoint tensor, in the style
 of a stacked expert bank), and a transform. torch's `nn.Linear` stores [out, in], moejax [in,
 out] split into named axes, so most weights are `LINEAR` (transposed, then reshaped); the
 loader asserts every tensor's shape against the moejax parameter.
+
+Not a paper implementation: checkpoint plumbing for the families of the sibling modules (their
+papers are cited there).
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ class Transform:
   "row" (torch [1, D] -> moejax [D]).
   deinterleave: R > 0 permutes the last R entries of the moejax parameter's last axis from
   interleaved RoPE pairs (x0, x1), (x2, x3)... to halves (x0, x2, ...), (x1, x3, ...); the moejax
-  `rope` pairs halves (DeepSeek-V3's `rope_interleave`). q.k is unchanged when q and k are
+  `rope` pairs halves (DeepSeek-V3's `rope_interleave`; RoFormer, arXiv:2104.09864, rotates
+  any fixed pairing). q.k is unchanged when q and k are
   permuted alike.
   """
   kind: str
