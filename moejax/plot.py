@@ -168,38 +168,41 @@ def read_run(workdir: str | os.PathLike, *, name: str | None = None,
 
 
 def _colors(n: int) -> list:
-  cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-  return [cmap(i % cmap.N) for i in range(n)]
+  if n <= 10:
+    return [plt.get_cmap("tab10")(i) for i in range(n)]
+  # tab20's dark shades first, then the light ones, so neighbours differ in hue.
+  order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+  return [plt.get_cmap("tab20")(order[i % 20]) for i in range(n)]
 
 
 def _reference_lines(ax, runs: Sequence[RunData]) -> None:
   """The loss floor (dashed) and Bayes loss (dotted) of the runs, one line per distinct value."""
-  for attr, style, label in (("loss_floor", "--", "loss floor"), ("bayes_loss", ":", "Bayes loss")):
+  for attr, style, color, label in (("loss_floor", "--", "k", "loss floor"),
+                                    ("bayes_loss", ":", "tab:red", "Bayes loss")):
     for value in sorted({round(getattr(r, attr), 6) for r in runs if getattr(r, attr) is not None}):
-      ax.axhline(value, color="k", ls=style, lw=0.9, label=f"{label} {value:.4f}")
+      ax.axhline(value, color=color, ls=style, lw=1.0, label=f"{label} {value:.4f}")
 
 
 def plot_loss(runs: Sequence[RunData], path: str) -> str:
   """Train (line) and eval (markers) loss against steps (left) and tokens (right)."""
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), layout="constrained")
   for run, color in zip(runs, _colors(len(runs))):
     for ax, scale in zip(axes, (1, run.tokens_per_step)):
       train, evals = run.get("train/loss"), run.get("eval/loss")
       if train is not None:
-        ax.plot(train[0] * scale, train[1], "-", color=color, lw=1.0, alpha=0.8,
-                label=f"{run.name} train")
+        ax.plot(train[0] * scale, train[1], "-", color=color, lw=0.9, alpha=0.6,
+                label=run.name if evals is None else None)
       if evals is not None:
-        ax.plot(evals[0] * scale, evals[1], "o--", color=color, ms=4, lw=0.8,
-                label=f"{run.name} eval")
+        ax.plot(evals[0] * scale, evals[1], "o--", color=color, ms=3.5, lw=1.0, label=run.name)
   for ax, xlabel in zip(axes, ("step", "training tokens")):
     _reference_lines(ax, runs)
     ax.set(xlabel=xlabel, ylabel="loss (nats/token)")
     ax.grid(alpha=0.3)
-  axes[0].set_title("loss against steps")
+  axes[0].set_title("loss against steps (line: train, markers: eval)")
   axes[1].set_title("loss against tokens")
-  axes[1].legend(fontsize=7, loc="upper right")
+  axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                 ncol=1 if len(runs) <= 14 else 2)
   _zoom_on_tail(axes, runs)
-  fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
