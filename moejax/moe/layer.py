@@ -69,18 +69,36 @@ class MoELayer(nnx.Module):
     mask = None if segment_ids is None else segment_ids.reshape(b * s) > 0
     ids = None if token_ids is None else token_ids.reshape(b * s)
     routing = self.route(xt, mask, train=train, rng=rng, token_ids=ids, num_sequences=b)
-    y, dispatch_metrics = dispatch(xt, routing.expert_index, routing.combine_weights,
-                                   self.experts.weights(), ffn=self.experts.ffn, plan=self.plan)
+    losses = dict(routing.aux_losses)
+    if train and self.router.per_slot_outputs:
+      y, dispatch_metrics, losses["slot_loss"] = self._per_slot(xt, routing)
+    else:
+      y, dispatch_metrics = dispatch(xt, routing.expert_index, routing.combine_weights,
+                                     self.experts.weights(), ffn=self.experts.ffn, plan=self.plan)
     if self.shared is not None:
       y = y + self.shared(xt)
-    losses = routing.aux_losses
+    # lb and z losses are weighted here; the router's own losses come weighted.
     aux_loss = (self.lb_loss_weight * losses["lb_loss"] + self.z_loss_weight * losses["z_loss"]
-                + losses.get("router_loss", 0.0))
+                + losses.get("router_loss", 0.0) + losses.get("slot_loss", 0.0))
     copies = jnp.sum(routing.group_sizes).astype(jnp.float32)
     tokens = jnp.maximum(jnp.sum(routing.token_mask.astype(jnp.float32)), 1.0)
     metrics = {**routing.metrics, **dispatch_metrics, **losses,
                "experts_per_token": copies * (1.0 - dispatch_metrics["dropped_frac"]) / tokens}
     return y.reshape(b, s, d).astype(x.dtype), aux_loss, metrics
+
+
+  def _per_slot(self, xt: jax.Array, routing: Routing):
+    """Each of the K slots dispatched on its own, for routers that regularise the experts'
+    outputs against each other (THOR): xt [T, D] -> (y [T, D], dispatch metrics, the router's
+    `slot_loss`). Same FLOPs as one dispatch of K slots."""
+    k = routing.expert_index.shape[1]
+    ones = jnp.ones_like(routing.combine_weights[:, :1])
+    outs = [dispatch(xt, routing.expert_index[:, j:j + 1], ones, self.experts.weights(),
+                     ffn=self.experts.ffn, plan=self.plan) for j in range(k)]
+    y_slots = jnp.stack([o[0] for o in outs])                                   # [K, T, D]
+    y = jnp.einsum("ktd,tk->td", y_slots, routing.combine_weights.astype(y_slots.dtype))
+    dropped = sum(o[1]["dropped_frac"] for o in outs) / k
+    return y, {"dropped_frac": dropped}, self.router.slot_loss(y_slots, routing.token_mask)
 
 
 LB_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")

@@ -10,5 +10,10 @@ from moejax.moe.routing import base_layers  # noqa: F401  (registers base: BASE 
 from moejax.moe.routing import cosine  # noqa: F401  (registers cosine: X-MoE)
 from moejax.moe.routing import expert_choice  # noqa: F401  (registers expert_choice)
 from moejax.moe.routing import top_p  # noqa: F401  (registers top_p)
+from moejax.moe.routing import deepseek  # noqa: F401  (registers deepseek)
+from moejax.moe.routing import fixed  # noqa: F401  (registers hash, random)
+from moejax.moe.routing import relu  # noqa: F401  (registers relu: ReMoE)
+from moejax.moe.routing import thor  # noqa: F401  (registers thor)
+from moejax.moe.routing.catalog import describe
 
-__all__ = ["ROUTERS", "Router", "RouterState", "Routing", "top_k_lowest_index"]
+__all__ = ["ROUTERS", "Router", "RouterState", "Routing", "describe", "top_k_lowest_index"]

@@ -35,7 +35,9 @@ class Routing:
     group_sizes: [E] int32 token copies sent to each expert before any drop.
     router_probs: [T, E] float32 router probabilities (normalised to sum to 1 per token).
     token_mask: [T] bool, False for tokens that were not routed (padding).
-    aux_losses: {name: scalar} unweighted auxiliary losses (`lb_loss`, `z_loss`).
+    aux_losses: {name: scalar} the unweighted auxiliary losses `lb_loss`, `z_loss` (the layer
+      weights them), and `router_loss` when the router has its own, already weighted (ReMoE's
+      adaptive L1, top-p's entropy loss).
     metrics: {name: array} `load` [E], `router_entropy`, `max_vio`.
   """
   expert_index: jax.Array
@@ -75,6 +77,9 @@ def top_k_lowest_index(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
   return jnp.stack(values, axis=-1), jnp.stack(indices, axis=-1)
 
 
+_PADDING_LOGIT = -30.0   # far below router logits, yet sigmoid(-30) > 0 so no 0/0
+
+
 class RouterState(nnx.Variable):
   """Router state that the optimizer never touches: the trainer zeroes its gradient and the
   router updates it after each step (`Router.update_state`), e.g. the selection bias of
@@ -94,6 +99,10 @@ class Router(nnx.Module):
     causal: a token's routing depends on no later token.
     batch_independent: a token's routing depends on no other sequence of the batch.
     dispatch_modes: the `model.moe.dispatch` strategies it works with.
+    per_slot_outputs: at training the layer dispatches each slot apart and adds the router's
+      `slot_loss(y_slots [K, T, D], token_mask [T])` (THOR's consistency loss).
+    has_gate: it has the linear gate W [D, E] (hash and random routing have none; their logits
+      are zeros).
     selection_bias: accepts loss-free balancing (`bias_update_rate`): a per-expert bias added to
       the scores for the top-k selection only ("Auxiliary-Loss-Free Load Balancing Strategy for
       Mixture-of-Experts", Wang et al. 2024, arXiv:2408.15664).
@@ -106,6 +115,8 @@ class Router(nnx.Module):
   batch_independent: bool = True
   selection_bias: bool = False
   dispatch_modes: tuple[str, ...] = ("capacity", "dropless")
+  has_gate: bool = True
+  per_slot_outputs: bool = False
 
   def __init__(self, d_model: int, num_experts: int, top_k: int, *, rngs: nnx.Rngs,
                param_dtype=jnp.float32, vocab_size: int | None = None,
@@ -118,8 +129,8 @@ class Router(nnx.Module):
     if not (isinstance(bias_update_rate, (int, float)) and bias_update_rate >= 0):
       raise ConfigError("model.moe.bias_update_rate", bias_update_rate, "a number >= 0")
     self.bias_update_rate = float(bias_update_rate)
-    self.gate = logical_param(rngs, (d_model, num_experts), d_model ** -0.5,
-                              ("embed", "expert"), param_dtype)
+    self.gate = (logical_param(rngs, (d_model, num_experts), d_model ** -0.5,
+                               ("embed", "expert"), param_dtype) if self.has_gate else None)
     self.bias = (RouterState(jnp.zeros((num_experts,), jnp.float32))
                  if self.uses_bias() else None)
 
@@ -135,6 +146,8 @@ class Router(nnx.Module):
   def logits(self, x: jax.Array, *, train: bool, rng: jax.Array | None) -> jax.Array:
     """x: [T, D] -> router logits [T, E] in float32."""
     del train, rng
+    if self.gate is None:
+      return jnp.zeros((x.shape[0], self.num_experts), jnp.float32)
     return jnp.dot(x.astype(jnp.float32), self.gate[...].astype(jnp.float32))
 
   def select(self, scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -178,6 +191,10 @@ class Router(nnx.Module):
     else:
       rng_logits = rng_decide = None
     logits = self.logits(x, train=train, rng=rng_logits)
+    if token_mask is not None:
+      # Padding scores far below any token, so routers that rank tokens against each other
+      # (expert choice, BASE) take real tokens first; token-choice slots are masked below.
+      logits = jnp.where(token_mask[:, None], logits, _PADDING_LOGIT)
     expert_index, combine_weights, probs = self.decide(logits, train=train, rng=rng_decide,
                                                        token_ids=token_ids)
     if token_mask is not None:
