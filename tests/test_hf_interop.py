@@ -259,3 +259,16 @@ def test_export_refuses_a_model_the_family_cannot_express(tmp_path):
   config = load_config(**{"model.tie_embeddings": True})
   with pytest.raises(ConfigError, match="model.tie_embeddings"):
     mhf.save({}, config, str(tmp_path), model_type="mixtral")
+
+
+def test_each_tensor_shape_is_checked_against_its_parameter():
+  """nanoGPT's per-key shape assert: a transposed tensor of the right size is refused."""
+  from moejax.interop.hf.tables import COPY, LINEAR, LINEAR_OUT
+  w = np.zeros((6, 4), np.float32)                     # torch [out, in]
+  assert LINEAR.load(w, (4, 2, 3)).shape == (4, 2, 3)
+  assert LINEAR_OUT.load(w.T, (2, 3, 4)).shape == (2, 3, 4)
+  for transform, shape in [(LINEAR, (6, 4)), (LINEAR_OUT, (6, 4)), (COPY, (4, 6))]:
+    with pytest.raises(ValueError, match="does not fit"):
+      transform.load(w, shape)
+  np.testing.assert_array_equal(LINEAR.save(LINEAR.load(np.arange(24.0).reshape(6, 4),
+                                                        (4, 2, 3))), np.arange(24.0).reshape(6, 4))

@@ -55,8 +55,15 @@ class Transform:
       out = w.reshape(-1)
     else:
       raise ValueError(f"unknown transform {self.kind!r}")
-    if int(np.prod(out.shape)) != int(np.prod(shape)):
-      raise ValueError(f"{out.shape} does not fit {shape}")
+    # The shape assert: the axes the transform keeps must match exactly, the ones it splits
+    # (heads x head_dim) in size.
+    n = int(np.prod(shape))
+    fits = {"copy": tuple(out.shape) == tuple(shape),
+            "row": out.size == n,
+            "linear": out.shape[0] == shape[0] and out.size == n,
+            "linear_out": out.shape[-1] == shape[-1] and out.size == n}[self.kind]
+    if not fits:
+      raise ValueError(f"{self.kind} gives {tuple(out.shape)}, which does not fit {tuple(shape)}")
     out = out.reshape(shape)
     if self.deinterleave:
       out = _permute_tail(out, self.deinterleave, inverse=False)
