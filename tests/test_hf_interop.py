@@ -144,17 +144,18 @@ def test_export_loads_in_transformers_with_the_same_logits(name, saved, loaded, 
 
 def test_sharded_checkpoint_on_an_8_device_mesh(tmp_path):
   """save_pretrained with a small max_shard_size writes several files and an index; the loader
-  streams them into parameters sharded over an (expert 4, data 2) mesh."""
+  streams them into parameters sharded over an (expert 2, tensor 2, data 2) mesh."""
   assert jax.device_count() == 8
-  model = _hf_model("mixtral")
+  model = _hf_model("qwen2_moe")
   model.save_pretrained(str(tmp_path), max_shard_size="20KB")
   assert os.path.isfile(tmp_path / "model.safetensors.index.json")
   assert len(list(tmp_path.glob("*.safetensors"))) > 2
-  mesh = sharding.make_mesh(load_config(**{"mesh.expert": 4}).mesh)
+  mesh = sharding.make_mesh(load_config(**{"mesh.expert": 2, "mesh.tensor": 2}).mesh)
   ours, _, report = mhf.load(str(tmp_path), mesh=mesh)
   assert report.unused == []
-  w = ours.blocks[0].ffn.experts.w["gate"][...]
-  assert w.sharding.spec[0] == "expert" and len(w.addressable_shards) == 8
+  experts, wq = ours.blocks[1].ffn.experts.w["gate"][...], ours.blocks[1].attn.wq[...]
+  assert experts.sharding.spec[0] == "expert" and wq.sharding.spec[1] == "tensor"
+  assert len(experts.addressable_shards) == 8
   ids = _ids(8)
   graphdef, state = nnx.split(ours)
   logits = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])(state, jnp.asarray(ids))
