@@ -37,7 +37,7 @@ resumes an interrupted run from its checkpoint (a finished workdir is read back,
 
     python experiments/routers/compare.py                  # ~30 min on 2 CPU cores
     python experiments/routers/compare.py --seeds 0,1,2    # more seeds
-    python experiments/routers/compare.py --only topk      # variants whose name contains this
+    python experiments/routers/compare.py --only topk,expert   # names containing either
     python experiments/routers/compare.py --report_only    # table and plots of results.csv
     python experiments/routers/compare.py --budget tiny    # seconds: for trying the script
 """
@@ -113,7 +113,7 @@ class Budget:
 
 BUDGETS = {
     # About 30 minutes for the 14 variants on 2 shared CPU cores (README, "Timing").
-    "default": Budget(steps=700, overrides=(("mesh.data", NUM_DEVICES),)),
+    "default": Budget(steps=600, overrides=(("mesh.data", NUM_DEVICES),)),
     # Seconds per run (mostly compilation): for tests, the notebook and trying the script.
     "tiny": Budget(steps=60, overrides=(
         ("model.d_model", 32), ("model.num_layers", 1), ("model.num_heads", 2),
@@ -263,8 +263,9 @@ def run_all(results_path: str, runs_dir: str, *, budget: Budget, seeds: Sequence
     train_fn = lambda config, workdir: train_and_evaluate(config, workdir, progress=False)
   os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
   done = finished_names(results_path)
+  wanted = [w for w in (only or "").split(",") if w]
   todo = [(v, s) for s in seeds for v in variants
-          if run_name(v, s) not in done and (not only or only in v.name)]
+          if run_name(v, s) not in done and (not wanted or any(w in v.name for w in wanted))]
   log(f"{len(done)} runs already in {results_path}; {len(todo)} to do")
   added = []
   for i, (variant, seed) in enumerate(todo):
@@ -374,7 +375,7 @@ def findings(rows: list[dict]) -> list[str]:
         f"{s:.2f}x); final eval loss {mean('expert_choice', 'eval_loss'):.4f} vs "
         f"{mean('topk', 'eval_loss'):.4f}. Verdict: {verdict}.")
   else:
-    lines.append("1. Expert choice vs top-k: not run (expert_choice not registered).")
+    lines.append("1. Expert choice vs top-k: no expert_choice and topk rows in the results.")
   if "topk_lossfree" in g and "topk" in g:
     dv = mean("topk_lossfree", "max_vio") - mean("topk", "max_vio")
     dl = mean("topk_lossfree", "eval_loss") - mean("topk", "eval_loss")
@@ -392,7 +393,7 @@ def findings(rows: list[dict]) -> list[str]:
         f"vs {mean('topk', 'eval_loss'):.4f} (difference {dl:+.4f}, noise allowance "
         f"{noise:.4f}). Verdict: {verdict}.")
   else:
-    lines.append("2. Loss-free balancing: not run (model.moe.bias_update_rate missing).")
+    lines.append("2. Loss-free balancing: no topk_lossfree and topk rows in the results.")
   if "topk_micro" in g and "topk" in g:
     mg, mm = mean("topk", "mi_mean"), mean("topk_micro", "mi_mean")
     ratio = mg / mm if mm > 0 else math.inf
@@ -405,7 +406,7 @@ def findings(rows: list[dict]) -> list[str]:
         f"{mean('topk', 'eval_loss'):.4f} vs {mean('topk_micro', 'eval_loss'):.4f}. "
         f"Verdict: {verdict}.")
   else:
-    lines.append("3. Global vs micro-batch balancing: not run.")
+    lines.append("3. Global vs micro-batch balancing: no topk_micro and topk rows in the results.")
   return lines
 
 
@@ -496,7 +497,8 @@ def main(argv: Iterable[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--budget", default="default", choices=sorted(BUDGETS))
   p.add_argument("--seeds", default="0", help="comma-separated model seeds")
-  p.add_argument("--only", default=None, help="train only variants whose name contains this")
+  p.add_argument("--only", default=None,
+                 help="train only variants whose name contains one of these (comma-separated)")
   p.add_argument("--results_dir", default=HERE, help="results.csv, results.md, plots/")
   p.add_argument("--runs_dir", default=os.path.join(HERE, "runs"),
                  help="one workdir per run (not committed)")
