@@ -273,3 +273,17 @@ def test_each_tensor_shape_is_checked_against_its_parameter():
       transform.load(w, shape)
   np.testing.assert_array_equal(LINEAR.save(LINEAR.load(np.arange(24.0).reshape(6, 4),
                                                         (4, 2, 3))), np.arange(24.0).reshape(6, 4))
+
+
+@pytest.mark.skipif("deepseek" not in ROUTERS, reason="needs the deepseek router")
+@pytest.mark.xfail(strict=False, reason="moejax's deepseek router scores the experts of dropped "
+                   "groups 0, transformers -inf: they differ when score + correction bias < 0")
+def test_deepseek_negative_correction_bias(tmp_path):
+  model = _hf_model("deepseek_v3")
+  with torch.no_grad():
+    for n, b in model.named_buffers():
+      if n.endswith("e_score_correction_bias"):
+        b.sub_(2.0)
+  model.save_pretrained(str(tmp_path))
+  ours, _, _ = mhf.load(str(tmp_path), overrides=FAST)
+  assert _rel_err(_forward(ours, _ids())[0], _hf_run(model, _ids())[0]) <= TOL
