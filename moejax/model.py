@@ -15,7 +15,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moejax.moe import MLP, MoELayer, is_moe_layer
-from moejax.moe.experts import SharedExperts
 from moejax.params import logical_param, ones_param, zeros_param
 
 
@@ -206,12 +205,6 @@ class Block(nnx.Module):
     self.ffn = (MoELayer(m, rngs=rngs, mesh=mesh) if moe else
                 MLP(m.d_model, m.get("dense_d_ff", 0) or m.d_ff, m.moe.expert_type, rngs=rngs,
                     dtype=jnp.dtype(m.dtype), param_dtype=pd))
-    if (moe and m.moe.get("shared_expert_gate", False) and self.ffn.shared is not None
-        and not isinstance(self.ffn.shared, SharedExperts)):
-      # Until MoELayer builds SharedExperts itself when model.moe.shared_expert_gate is set.
-      self.ffn.shared = SharedExperts(m.d_model, self.ffn.shared.w["down"].shape[0],
-                                      m.moe.expert_type, rngs=rngs, dtype=jnp.dtype(m.dtype),
-                                      param_dtype=pd)
 
   def __call__(self, x, positions, segment_ids, *, train, rng, token_ids=None):
     """x: [B, S, D], token_ids: [B, S] (the model's input ids, for routers that read them)

@@ -276,8 +276,6 @@ def test_each_tensor_shape_is_checked_against_its_parameter():
 
 
 @pytest.mark.skipif("deepseek" not in ROUTERS, reason="needs the deepseek router")
-@pytest.mark.xfail(strict=False, reason="moejax's deepseek router scores the experts of dropped "
-                   "groups 0, transformers -inf: they differ when score + correction bias < 0")
 def test_deepseek_negative_correction_bias(tmp_path):
   model = _hf_model("deepseek_v3")
   with torch.no_grad():

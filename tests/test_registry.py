@@ -5,6 +5,7 @@ import pytest
 from moejax import data, sharding
 from moejax.data import tokenizers
 from moejax.errors import ConfigError
+from moejax.interop.hf.loader import FAMILIES
 from moejax.moe import DISPATCHERS, EP_EXCHANGES, FFN_FORMS, GMM_BACKENDS, ROUTERS
 from moejax.registry import Registry
 from moejax.scaling import laws
@@ -32,7 +33,7 @@ def test_register_lookup_duplicate_and_unknown():
     (EP_EXCHANGES, "model.moe.ep_exchange"), (GMM_BACKENDS, "model.moe.gmm_backend"),
     (FFN_FORMS, "model.moe.expert_type"), (sharding.MESH_PRESETS, "mesh.preset"),
     (data.SOURCES, "data.source"), (tokenizers.TOKENIZERS, "data.tokenizer"),
-    (laws.LAWS, "law")])
+    (laws.LAWS, "law"), (FAMILIES, "config.json:model_type")])
 def test_every_registry_is_one(registry, field):
   assert isinstance(registry, Registry) and registry.field == field and len(registry) >= 2
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

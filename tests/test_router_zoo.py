@@ -200,7 +200,7 @@ def test_describe_and_readme_table():
 
 
 def _deepseek_reference(logits, bias, k, groups, topk_groups, scaling):
-  """DeepSeek-V3 routing in float64 (arXiv:2412.19437 eqs. 12-16; masked groups score 0)."""
+  """DeepSeek-V3 routing in float64 (arXiv:2412.19437 eqs. 12-16; dropped groups are out)."""
   s = ref.sigmoid(logits)
   c = s + bias
   t, e = c.shape
@@ -209,7 +209,7 @@ def _deepseek_reference(logits, bias, k, groups, topk_groups, scaling):
   keep = np.argsort(-gscore, -1, kind="stable")[:, :topk_groups]
   mask = np.zeros((t, groups), bool)
   np.put_along_axis(mask, keep, True, -1)
-  c = np.where(np.repeat(mask, e // groups, -1), c, 0.0)
+  c = np.where(np.repeat(mask, e // groups, -1), c, -np.inf)
   idx = np.argsort(-c, -1, kind="stable")[:, :k]
   w = np.take_along_axis(s, idx, -1)
   return idx, w / w.sum(-1, keepdims=True) * scaling

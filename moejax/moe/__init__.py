@@ -8,10 +8,10 @@
 """
 from moejax.moe.dims import MoEDims, is_moe_layer, moe_dims
 from moejax.moe.dispatch import DISPATCHERS, EP_EXCHANGES, DispatchPlan
-from moejax.moe.experts import FFN_FORMS, GMM_BACKENDS, MLP, ExpertBank, ExpertFFN
+from moejax.moe.experts import FFN_FORMS, GMM_BACKENDS, MLP, ExpertBank, ExpertFFN, SharedExperts
 from moejax.moe.layer import MoELayer
 from moejax.moe.routing import ROUTERS, Router, Routing
 
 __all__ = ["DISPATCHERS", "EP_EXCHANGES", "FFN_FORMS", "GMM_BACKENDS", "ROUTERS", "DispatchPlan",
-           "ExpertBank", "ExpertFFN", "MLP", "MoEDims", "MoELayer", "Router", "Routing",
+           "ExpertBank", "ExpertFFN", "MLP", "MoEDims", "MoELayer", "Router", "Routing", "SharedExperts",
            "is_moe_layer", "moe_dims"]

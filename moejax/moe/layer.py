@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from moejax.moe.dims import moe_dims
 from moejax.moe.dispatch import DispatchPlan, dispatch
-from moejax.moe.experts import MLP, ExpertBank
+from moejax.moe.experts import MLP, ExpertBank, SharedExperts
 from moejax.moe.routing import ROUTERS, Routing
 
 
@@ -41,8 +41,9 @@ class MoELayer(nnx.Module):
     self.experts = ExpertBank(dims.experts, model.d_model, dims.expert_width, moe.expert_type,
                               rngs=rngs, gmm_backend=moe.gmm_backend, dtype=dtype,
                               param_dtype=param_dtype)
-    self.shared = (MLP(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
-                       dtype=dtype, param_dtype=param_dtype) if dims.shared_width else None)
+    shared_cls = SharedExperts if moe.get("shared_expert_gate", False) else MLP
+    self.shared = (shared_cls(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
+                              dtype=dtype, param_dtype=param_dtype) if dims.shared_width else None)
 
   def route(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool = False,
             rng: jax.Array | None = None, token_ids: jax.Array | None = None,

@@ -16,6 +16,7 @@ import dataclasses
 import ml_collections
 
 from moejax.config import validate_model
+from moejax.errors import ConfigError
 from moejax.moe import is_moe_layer, moe_dims
 from moejax.moe.experts import num_ffn_matrices
 
@@ -54,9 +55,33 @@ def _model(config) -> ml_collections.ConfigDict:
   return config.model if "model" in config else config
 
 
+# Model options whose parameters the formulas here do not count (the Hugging Face families'
+# attention variants, the gated shared expert, routers without the linear gate [D, E]): a config
+# that sets one is refused rather than miscounted. (field, value the formulas assume)
+_COUNTED_AS = (("qkv_bias", False), ("qk_norm", ""), ("attention", "mha"),
+               ("dense_d_ff", 0), ("moe.shared_expert_gate", False))
+_LINEAR_GATE_ROUTERS = ("topk", "sigmoid", "switch", "deepseek", "expert_choice", "base",
+                        "top_p", "relu")
+
+
+def _check_counted(m) -> None:
+  for field, assumed in _COUNTED_AS:
+    node = m
+    for part in field.split("."):
+      node = node.get(part, assumed) if hasattr(node, "get") else assumed
+    if node != assumed:
+      raise ConfigError(f"model.{field}", node, f"{assumed!r}: moejax.scaling.accounting counts "
+                        "the plain model only")
+  if m.moe.router not in _LINEAR_GATE_ROUTERS:
+    raise ConfigError("model.moe.router", m.moe.router,
+                      f"one of {_LINEAR_GATE_ROUTERS} (a linear gate [D, E], what "
+                      "moejax.scaling.accounting counts)")
+
+
 def _sizes(config) -> dict:
   """Sizes from a full config or its `model` subtree, checked by `validate_model`."""
   m = validate_model(_model(config))
+  _check_counted(m)
   dims = moe_dims(m)
   num_moe = sum(is_moe_layer(m, i) for i in range(m.num_layers))
   return {"vocab_size": m.vocab_size, "d_model": m.d_model, "num_layers": m.num_layers,

@@ -18,7 +18,7 @@ class DeepSeekRouter(Router):
     s_{t,e} = sigmoid(u_t . w_e)                      affinities
     c_{t,e} = s_{t,e} + b_e                           selection scores (b: the selection bias)
     score(group) = sum of the top 2 c_{t,e} in the group (E / num_groups experts each)
-    keep the top `topk_groups` groups; the others' experts score 0 (as the reference code)
+    keep the top `topk_groups` groups; the others' experts are out of the selection
     chosen = top-K of c over the kept experts
     g_{t,e} = s_{t,e} / sum_{chosen} s_{t,e'} (renormalize) * routed_scaling   gates
 
@@ -66,7 +66,9 @@ class DeepSeekRouter(Router):
       _, kept = top_k_lowest_index(group_score, self.topk_groups)         # [T, topk_groups]
       kept_mask = jnp.sum(jax.nn.one_hot(kept, self.num_groups, dtype=jnp.int32), axis=1) > 0
       expert_mask = jnp.repeat(kept_mask, e // self.num_groups, axis=1)   # [T, E]
-      choice = jnp.where(expert_mask, choice, 0.0)
+      # The lowest finite float, not 0: with a negative bias b_e a kept expert's c_{t,e} can be
+      # below 0, and a dropped group must still never win (as the reference code's -inf).
+      choice = jnp.where(expert_mask, choice, jnp.finfo(jnp.float32).min)
     _, index = top_k_lowest_index(choice, self.top_k)
     weights = jnp.take_along_axis(scores, index, axis=-1)
     if self.renormalize:
