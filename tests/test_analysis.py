@@ -10,7 +10,8 @@ from flax import nnx
 from helpers import load_config
 from moejax.data import make_source
 from moejax.model import Transformer
-from moejax.moe.analysis import (expert_domain_mutual_information, layer_mutual_information,
+from moejax.moe.analysis import (expert_domain_mutual_information, layer_domain_counts,
+                                 layer_mutual_information, mutual_information_of_counts,
                                  routing_trace, token_domains)
 from moejax.moe.layer import MoELayer
 
@@ -125,3 +126,20 @@ def test_layer_mutual_information_is_within_bounds(tiny):
   assert sorted(mi) == ["layer_0", "layer_1"]
   for value in mi.values():
     assert 0.0 <= value <= math.log(2) + 1e-9
+
+
+def test_layer_counts_hold_every_routed_copy_and_give_the_same_mi(tiny):
+  """Pooled counts over two batches: every token's K copies (dropless top-k routes them all),
+  and the MI of the pooled table equals the MI of the concatenated expert indices."""
+  config, model, batch = tiny
+  batches = [batch, make_source(config, "eval").next()]
+  counts = layer_domain_counts(model, batches, config.data.num_domains)
+  index = {name: np.concatenate([np.asarray(routing_trace(model, b)[name].expert_index)
+                                 for b in batches]) for name in counts}
+  domains = np.concatenate([token_domains(b) for b in batches])
+  for name, table in counts.items():
+    assert table.shape == (config.model.moe.num_experts, config.data.num_domains)
+    assert table.sum() == 2 * 4 * 16 * config.model.moe.top_k
+    assert mutual_information_of_counts(table) == pytest.approx(
+        expert_domain_mutual_information(index[name], domains, config.model.moe.num_experts,
+                                         config.data.num_domains), abs=1e-12)

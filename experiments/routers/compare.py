@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -193,14 +194,22 @@ def _restore_model(config, workdir: str):
   return nnx.merge(trainer.graphdef, state["params"])
 
 
+DOMAIN_COUNTS = "domain_counts.json"
+
+
 def mutual_information(config, workdir: str) -> list[float]:
-  """I(expert; domain) per MoE layer of the trained model on the held-out batches."""
+  """I(expert; domain) per MoE layer of the trained model on the held-out batches; the
+  [E, M] (expert, domain) copy counts per layer go to `workdir/domain_counts.json`."""
   from moejax.data import make_source  # noqa: PLC0415
-  from moejax.moe.analysis import layer_mutual_information  # noqa: PLC0415
+  from moejax.moe.analysis import (layer_domain_counts,  # noqa: PLC0415
+                                   mutual_information_of_counts)
   source = make_source(config, "eval")
   batches = [source.next() for _ in range(config.train.eval_batches)]
   model = _restore_model(config, workdir)
-  return list(layer_mutual_information(model, batches, config.data.num_domains).values())
+  counts = layer_domain_counts(model, batches, config.data.num_domains)
+  with open(os.path.join(workdir, DOMAIN_COUNTS), "w") as f:
+    json.dump({name: c.tolist() for name, c in counts.items()}, f)
+  return [mutual_information_of_counts(c) for c in counts.values()]
 
 
 def run_row(variant: Variant, seed: int, config, workdir: str, wall_s: float) -> dict:
@@ -468,6 +477,42 @@ def plot_bars(rows: list[dict], path: str) -> str:
   return path
 
 
+SPECIALISATION_VARIANTS = ("topk", "topk_micro", "topk_lossfree", "expert_choice")
+
+
+def plot_expert_domain(workdirs: dict[str, str], path: str) -> str | None:
+  """p(expert | domain) per MoE layer (columns) for each run (rows) that saved its counts: how
+  each domain spreads its token copies over the experts. None when no run saved counts."""
+  from moejax.moe.analysis import mutual_information_of_counts  # noqa: PLC0415
+  from moejax.plot import plt  # noqa: PLC0415
+  tables = {}
+  for name, workdir in workdirs.items():
+    p = os.path.join(workdir, DOMAIN_COUNTS)
+    if os.path.exists(p):
+      with open(p) as f:
+        tables[name] = {layer: np.asarray(c) for layer, c in json.load(f).items()}
+  if not tables:
+    return None
+  layers = max(len(t) for t in tables.values())
+  cond = {name: {layer: c / np.maximum(c.sum(axis=0, keepdims=True), 1.0)
+                 for layer, c in table.items()} for name, table in tables.items()}
+  vmax = max(float(p.max()) for t in cond.values() for p in t.values())
+  fig, axes = plt.subplots(len(tables), layers, figsize=(2.6 * layers + 1, 2.4 * len(tables)),
+                           squeeze=False, layout="constrained")
+  for row, (name, table) in zip(axes, tables.items()):
+    for ax, (layer, counts) in zip(row, table.items()):
+      image = ax.imshow(cond[name][layer], cmap="magma", vmin=0.0, vmax=vmax, aspect="auto")
+      ax.set_title(f"{name} {layer}\nI = {mutual_information_of_counts(counts):.3f} nats",
+                   fontsize=8)
+      ax.set_xlabel("domain", fontsize=8)
+      ax.set_ylabel("expert", fontsize=8)
+      ax.tick_params(labelsize=7)
+  fig.colorbar(image, ax=axes.ravel().tolist(), label="p(expert | domain)")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
 def write_report(results_path: str, out_dir: str, runs_dir: str) -> list[str]:
   """results.md (table and findings), bars.png, and moejax.plot's overlays of the first seed's
   runs in `out_dir/plots`; returns the paths written."""
@@ -490,7 +535,9 @@ def write_report(results_path: str, out_dir: str, runs_dir: str) -> list[str]:
   workdirs = [w for w in workdirs if os.path.exists(os.path.join(w, "metrics.jsonl"))]
   if workdirs:
     paths += plot_runs(workdirs, os.path.join(out_dir, "plots"))
-  return paths
+  special = {v: os.path.join(runs_dir, f"{v}_s{first_seed}") for v in SPECIALISATION_VARIANTS}
+  heatmap = plot_expert_domain(special, os.path.join(out_dir, "plots", "expert_domain.png"))
+  return paths + ([heatmap] if heatmap else [])
 
 
 def main(argv: Iterable[str] | None = None) -> int:

@@ -82,6 +82,23 @@ def routing_trace(model, batch: dict, *, train: bool = False,
   return _trace(graphdef, state, inputs, positions, segment_ids, rng, train=train)
 
 
+def expert_domain_counts(expert_index, domain, num_experts: int, num_domains: int) -> np.ndarray:
+  """[E, M] counts of routed token copies per (expert, domain); the sentinel E is left out.
+
+  Args:
+    expert_index: [T, K] int, in [0, E]; E = no expert.
+    domain: [T] int in [0, M), the domain of each token (`np.repeat(batch["domain"], S)`).
+  """
+  index = np.asarray(expert_index)
+  if index.ndim == 1:
+    index = index[:, None]
+  dom = np.broadcast_to(np.asarray(domain)[:, None], index.shape)
+  routed = (index >= 0) & (index < num_experts)
+  joint = np.zeros((num_experts, num_domains), np.float64)
+  np.add.at(joint, (index[routed], dom[routed]), 1.0)
+  return joint
+
+
 def expert_domain_mutual_information(expert_index, domain, num_experts: int,
                                      num_domains: int) -> float:
   """I(expert; domain) in nats over the routed token copies.
@@ -100,13 +117,13 @@ def expert_domain_mutual_information(expert_index, domain, num_experts: int,
   Returns:
     The mutual information in nats (0.0 when no copy was routed).
   """
-  index = np.asarray(expert_index)
-  if index.ndim == 1:
-    index = index[:, None]
-  dom = np.broadcast_to(np.asarray(domain)[:, None], index.shape)
-  routed = (index >= 0) & (index < num_experts)
-  joint = np.zeros((num_experts, num_domains), np.float64)
-  np.add.at(joint, (index[routed], dom[routed]), 1.0)
+  return mutual_information_of_counts(
+      expert_domain_counts(expert_index, domain, num_experts, num_domains))
+
+
+def mutual_information_of_counts(joint: np.ndarray) -> float:
+  """I(row; column) in nats of a table of counts [E, M] (0.0 for an empty table)."""
+  joint = np.asarray(joint, np.float64)
   total = joint.sum()
   if total == 0:
     return 0.0
@@ -122,19 +139,20 @@ def token_domains(batch: dict) -> np.ndarray:
   return np.repeat(np.asarray(batch["domain"]), s)
 
 
+def layer_domain_counts(model, batches: list[dict], num_domains: int) -> dict[str, np.ndarray]:
+  """{"layer_<i>": [E, M] counts of (expert, domain) copies} of `model`'s evaluation routing over
+  all `batches` pooled (each a host batch with `domain` [B]), layers in order."""
+  counts: dict[str, np.ndarray] = {}
+  for batch in batches:
+    dom = token_domains(batch)
+    for name, routing in routing_trace(model, batch).items():
+      c = expert_domain_counts(routing.expert_index, dom, routing.num_experts, num_domains)
+      counts[name] = counts.get(name, 0) + c
+  return dict(sorted(counts.items(), key=lambda kv: int(kv[0].split("_")[1])))
+
+
 def layer_mutual_information(model, batches: list[dict], num_domains: int) -> dict[str, float]:
   """{"layer_<i>": I(expert; domain)} of `model` (evaluation routing) over the token copies of
   all `batches` pooled (each a host batch with `domain` [B])."""
-  index: dict[str, list] = {}
-  domains = []
-  num_experts = None
-  for batch in batches:
-    trace = routing_trace(model, batch)
-    for name, routing in trace.items():
-      index.setdefault(name, []).append(np.asarray(routing.expert_index))
-      num_experts = routing.num_experts
-    domains.append(token_domains(batch))
-  dom = np.concatenate(domains)
-  return {name: expert_domain_mutual_information(np.concatenate(parts), dom, num_experts,
-                                                 num_domains)
-          for name, parts in sorted(index.items(), key=lambda kv: int(kv[0].split("_")[1]))}
+  return {name: mutual_information_of_counts(c)
+          for name, c in layer_domain_counts(model, batches, num_domains).items()}
