@@ -114,7 +114,7 @@ class Budget:
 
 BUDGETS = {
     # About 30 minutes for the 14 variants on 2 shared CPU cores (README, "Timing").
-    "default": Budget(steps=600, overrides=(("mesh.data", NUM_DEVICES),)),
+    "default": Budget(steps=700, overrides=(("mesh.data", NUM_DEVICES),)),
     # Seconds per run (mostly compilation): for tests, the notebook and trying the script.
     "tiny": Budget(steps=60, overrides=(
         ("model.d_model", 32), ("model.num_layers", 1), ("model.num_heads", 2),
@@ -210,6 +210,13 @@ def mutual_information(config, workdir: str) -> list[float]:
   with open(os.path.join(workdir, DOMAIN_COUNTS), "w") as f:
     json.dump({name: c.tolist() for name, c in counts.items()}, f)
   return [mutual_information_of_counts(c) for c in counts.values()]
+
+
+def _config_of(workdir: str):
+  """The config a run was trained with (`workdir/config.json`, written before training)."""
+  import ml_collections  # noqa: PLC0415
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
 
 
 def run_row(variant: Variant, seed: int, config, workdir: str, wall_s: float) -> dict:
@@ -494,6 +501,8 @@ def plot_expert_domain(workdirs: dict[str, str], path: str) -> str | None:
   tables = {}
   for name, workdir in workdirs.items():
     p = os.path.join(workdir, DOMAIN_COUNTS)
+    if not os.path.exists(p) and os.path.exists(os.path.join(workdir, "config.json")):
+      mutual_information(_config_of(workdir), workdir)   # a run from before counts were saved
     if os.path.exists(p):
       with open(p) as f:
         tables[name] = {layer: np.asarray(c) for layer, c in json.load(f).items()}
