@@ -14,12 +14,31 @@ import json
 import math
 import numbers
 import os
+import sys
 import time
 from typing import Any
 
 import numpy as np
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2, summary_pb2
+
+
+def _import_tensorboardx():
+  """tensorboardX's package import loads torch when it is installed (about 1 s per process;
+  the `hf` test extra installs it), only to accept torch tensors, which moejax never writes.
+  While tensorboardX is imported, `import torch` fails (a None entry in sys.modules), unless
+  torch is loaded already; the entry is removed afterwards, so torch imports normally later."""
+  block = "torch" not in sys.modules
+  if block:
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX.event_file_writer import EventsWriter  # noqa: PLC0415
+    from tensorboardX.proto import event_pb2, summary_pb2  # noqa: PLC0415
+  finally:
+    if block:
+      del sys.modules["torch"]
+  return EventsWriter, event_pb2, summary_pb2
+
+
+EventsWriter, event_pb2, summary_pb2 = _import_tensorboardx()
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
