@@ -357,9 +357,9 @@ def _mean_std(rows: list[dict], key: str) -> tuple[float, float]:
   return float(np.mean(vals)), float(np.std(vals)) if len(vals) > 1 else math.nan
 
 
-def speedups(rows: list[dict], reference: str = "topk") -> dict[str, float]:
-  """Per variant: the reference's steps / this variant's steps to reach the reference's final
-  eval loss, per seed (same seed's reference), averaged over seeds."""
+def speedups_per_seed(rows: list[dict], reference: str = "topk") -> dict[str, list[float]]:
+  """Per variant, per seed: the reference's steps / this run's steps to reach the same seed's
+  reference final eval loss (NaN: never reached)."""
   ref = {r["seed"]: r for r in rows if r["variant"] == reference}
   out: dict[str, list[float]] = {}
   for r in rows:
@@ -367,8 +367,13 @@ def speedups(rows: list[dict], reference: str = "topk") -> dict[str, float]:
       continue
     base = ref[r["seed"]]
     reached = steps_to_reach(r["eval_steps"], r["eval_curve"], base["eval_curve"][-1])
-    out.setdefault(r["variant"], []).append(base["steps"] / reached if reached else math.nan)
-  return {k: float(np.mean(v)) for k, v in out.items()}
+    out.setdefault(r["variant"], []).append(base["steps"] / reached)
+  return out
+
+
+def speedups(rows: list[dict], reference: str = "topk") -> dict[str, float]:
+  """Per variant: `speedups_per_seed` averaged over seeds (NaN if a seed never reached it)."""
+  return {k: float(np.mean(v)) for k, v in speedups_per_seed(rows, reference).items()}
 
 
 def findings(rows: list[dict]) -> list[str]:
@@ -379,7 +384,15 @@ def findings(rows: list[dict]) -> list[str]:
   def mean(variant, key):
     return _mean_std(g[variant], key)[0]
 
+  def per_seed(a, b, key, fmt="{:+.4f}"):
+    """' [per seed: s0 a - b, s1 ...]' over the seeds both variants ran (several)."""
+    diffs = _paired(g[a], g[b], key)
+    if len(diffs) < 2:
+      return ""
+    return " [per seed: " + ", ".join(f"s{s} " + fmt.format(d) for s, d in diffs) + "]"
+
   speed = speedups(rows)
+  speed_seeds = speedups_per_seed(rows)
   if "expert_choice" in g and "topk" in g:
     s = speed.get("expert_choice", math.nan)
     verdict = ("agrees, as strongly as reported (>= 2x)" if s >= 2 else
@@ -392,8 +405,9 @@ def findings(rows: list[dict]) -> list[str]:
         f">2x). Steps to top-k's final eval loss ({mean('topk', 'eval_loss'):.4f}): top-k "
         f"{mean('topk', 'steps'):.0f}, expert choice "
         f"{mean('topk', 'steps') / s if s == s and s > 0 else math.nan:.0f} (speed-up "
-        f"{s:.2f}x); final eval loss {mean('expert_choice', 'eval_loss'):.4f} vs "
-        f"{mean('topk', 'eval_loss'):.4f}. Verdict: {verdict}.")
+        f"{s:.2f}x{_seed_list(speed_seeds.get('expert_choice', []))}); final eval loss {mean('expert_choice', 'eval_loss'):.4f} vs "
+        f"{mean('topk', 'eval_loss'):.4f}"
+        f"{per_seed('expert_choice', 'topk', 'eval_loss')}. Verdict: {verdict}.")
   else:
     lines.append("1. Expert choice vs top-k: no expert_choice and topk rows in the results.")
   if "topk_lossfree" in g and "topk" in g:
@@ -410,9 +424,12 @@ def findings(rows: list[dict]) -> list[str]:
     lines.append(
         f"2. Loss-free balancing reaches better MaxVio at equal or better loss than the auxiliary "
         f"loss (Wang et al. 2024, arXiv:2408.15664). MaxVio {mean('topk_lossfree', 'max_vio'):.3f}"
-        f" vs {mean('topk', 'max_vio'):.3f}; eval loss {mean('topk_lossfree', 'eval_loss'):.4f} "
-        f"vs {mean('topk', 'eval_loss'):.4f} (difference {dl:+.4f}, noise allowance "
-        f"{noise:.4f}). Verdict: {verdict}.")
+        f" vs {mean('topk', 'max_vio'):.3f}"
+        f"{per_seed('topk_lossfree', 'topk', 'max_vio', '{:+.3f}')}"
+        f"; eval loss {mean('topk_lossfree', 'eval_loss'):.4f} "
+        f"vs {mean('topk', 'eval_loss'):.4f} (difference {dl:+.4f}"
+        f"{per_seed('topk_lossfree', 'topk', 'eval_loss')}; noise allowance {noise:.4f}, the "
+        f"larger seed spread or 0.005). Verdict: {verdict}.")
   else:
     lines.append("2. Loss-free balancing: no topk_lossfree and topk rows in the results.")
   if "topk_micro" in g and "topk" in g:
@@ -425,13 +442,24 @@ def findings(rows: list[dict]) -> list[str]:
     lines.append(
         f"3. Global-batch balancing gives more domain specialisation than micro-batch balancing "
         f"(Qiu et al. 2025, arXiv:2501.11873). I(expert; domain), mean over layers: global "
-        f"{mg:.4f} nats, micro-batch {mm:.4f} nats (max over layers "
+        f"{mg:.4f} nats, micro-batch {mm:.4f} nats"
+        f"{per_seed('topk', 'topk_micro', 'mi_mean', '{:+.3f}')} (max over layers "
         f"{mean('topk', 'mi_max'):.4f} vs {mean('topk_micro', 'mi_max'):.4f}); eval loss "
         f"{mean('topk', 'eval_loss'):.4f} vs {mean('topk_micro', 'eval_loss'):.4f}. "
         f"Verdict: {verdict}.")
   else:
     lines.append("3. Global vs micro-batch balancing: no topk_micro and topk rows in the results.")
   return lines
+
+
+def _seed_list(values: list[float]) -> str:
+  return "" if len(values) < 2 else " [per seed: " + ", ".join(f"{v:.2f}x" for v in values) + "]"
+
+
+def _paired(a: list[dict], b: list[dict], key: str) -> list[tuple[int, float]]:
+  """[(seed, a[key] - b[key])] over the seeds present in both row lists."""
+  other = {int(r["seed"]): r[key] for r in b}
+  return [(int(r["seed"]), r[key] - other[int(r["seed"])]) for r in a if int(r["seed"]) in other]
 
 
 def _spread(rows: list[dict], key: str) -> float:
@@ -449,7 +477,7 @@ TABLE = (("eval loss", "eval_loss", "{:.4f}"), ("- floor", "gap_floor", "{:.4f}"
 def markdown_table(rows: list[dict]) -> str:
   """One line per variant: means over seeds (± std with several seeds), and the speed-up to
   top-k's final loss."""
-  speed = speedups(rows)
+  per_seed = speedups_per_seed(rows)
   notes = {v.name: v.note for v in VARIANTS}
   head = ["variant", "router", "seeds"] + [t[0] for t in TABLE] + ["speed-up vs top-k", "note"]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -458,8 +486,11 @@ def markdown_table(rows: list[dict]) -> str:
     for _, key, fmt in TABLE:
       m, s = _mean_std(group, key)
       cells.append(fmt.format(m) + ("" if s != s else " ± " + fmt.format(s)))
-    sp = speed.get(name, math.nan)
-    cells.append("never" if sp != sp else f"{sp:.2f}x")
+    per = np.array(per_seed.get(name, [math.nan]))
+    reached = per[per == per]
+    cells.append("never" if not len(reached) else
+                 f"{reached.mean():.2f}x" + ("" if len(reached) == len(per) else
+                                             f" ({len(reached)}/{len(per)} seeds)"))
     cells.append(notes.get(name, ""))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
