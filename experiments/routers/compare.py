@@ -405,7 +405,8 @@ def findings(rows: list[dict]) -> list[str]:
         f">2x). Steps to top-k's final eval loss ({mean('topk', 'eval_loss'):.4f}): top-k "
         f"{mean('topk', 'steps'):.0f}, expert choice "
         f"{mean('topk', 'steps') / s if s == s and s > 0 else math.nan:.0f} (speed-up "
-        f"{s:.2f}x{_seed_list(speed_seeds.get('expert_choice', []))}); final eval loss {mean('expert_choice', 'eval_loss'):.4f} vs "
+        f"{s:.2f}x{_seed_list(speed_seeds.get('expert_choice', []))}); final eval loss "
+        f"{mean('expert_choice', 'eval_loss'):.4f} vs "
         f"{mean('topk', 'eval_loss'):.4f}"
         f"{per_seed('expert_choice', 'topk', 'eval_loss')}. Verdict: {verdict}.")
   else:
