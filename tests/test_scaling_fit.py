@@ -64,3 +64,31 @@ def test_fit_arguments_are_checked():
     fit(law, {"N": data["N"], "loss": data["loss"]})
   with pytest.raises(ValueError, match=r"column 'loss' holds \[-1.0\]"):
     fit(law, {**data, "loss": np.array([3.0, -1.0])})
+
+
+def test_padding_leaves_the_objective_unchanged():
+  """The fitter pads points to a bucket size with copies of point 0 at weight 0 (one compiled
+  program per bucket): the objective and its gradient are those of the unpadded points, for
+  both losses."""
+  import jax
+  from moejax.scaling import fitting
+
+  assert [fitting._padded_size(k, 64) for k in (1, 64, 65, 240, 1024, 1025, 4500)] == [
+      64, 64, 128, 256, 1024, 2048, 5120]
+  law = get_law("chinchilla")
+  d = chinchilla_epoch()
+  n = 37
+  cols = {k: np.log(d[k][:n]) for k in ("N", "D", "loss")}
+  padded = {k: fitting._pad_rows(v, 64) for k, v in cols.items()}
+  w = np.zeros(64)
+  w[:n] = np.arange(1, n + 1)   # bootstrap-like integer weights
+  raw = law.to_raw(PUBLISHED) + 0.01
+  value_and_grad = jax.jit(jax.value_and_grad(fitting._objective), static_argnums=4)
+  with jax.enable_x64(True):
+    for huber in (True, False):
+      value, grad = value_and_grad(raw, w[:n], {k: cols[k] for k in ("N", "D")}, cols["loss"], law,
+                                   huber, 1e-3)
+      value_p, grad_p = value_and_grad(raw, w, {k: padded[k] for k in ("N", "D")}, padded["loss"],
+                                       law, huber, 1e-3)
+      assert float(value_p) == pytest.approx(float(value), rel=1e-13, abs=0)
+      np.testing.assert_allclose(grad_p, grad, rtol=1e-12)
