@@ -10,6 +10,7 @@ The kernel must be this interpreter (the venv that has moejax's dependencies): a
 
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -39,7 +40,21 @@ CHECKS = {
         f"print({PROBE_MARK!r} + json.dumps({{**result.params, 'clark_a': clark_fit.params['a']}}))",
         lambda v: _check_scaling_fit(v),
     ),
+    # The tiny router comparison: I(expert; domain) is a mutual information over 4 domains, in
+    # [0, ln 4]; every arm learned something (below ln V = ln 32, the uniform guess).
+    "router_zoo.ipynb": (
+        "import json\n"
+        f"print({PROBE_MARK!r} + json.dumps({{'mi': mi, 'loss': eval_loss}}))",
+        lambda v: _check_router_zoo(v),
+    ),
 }
+
+
+def _check_router_zoo(v: dict) -> None:
+  assert len(v["mi"]) == 2 and set(v["mi"]) == set(v["loss"])
+  for arm, mi in v["mi"].items():
+    assert -1e-9 <= mi <= math.log(4) + 1e-9, (arm, mi)
+    assert v["loss"][arm] < math.log(32) - 0.1, (arm, v["loss"][arm])
 
 
 def _check_scaling_fit(v: dict) -> None:
