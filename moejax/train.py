@@ -200,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        sources: dict | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir`, resuming from its latest complete checkpoint.
 
-  Writes `workdir/metrics.jsonl`, TensorBoard events in `workdir/tb` and orbax checkpoints in
+  Writes `workdir/config.json` (at the first start), `workdir/metrics.jsonl`, TensorBoard events in `workdir/tb` and orbax checkpoints in
   `workdir/checkpoints`. SIGTERM (a preemption) saves a checkpoint and returns early, as does
   reaching step `stop_after`; running again with the same workdir resumes exactly. `sources`
   ({split: source}, from `data.make_sources`) saves building the data again when the caller
@@ -228,6 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     train_source.set_state(extra["data"])
   # One writer of metrics and one progress bar per run: process 0 of a multi-host job.
   primary = _primary_process()
+  if primary and start == 0:
+    _write_config(config, workdir)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None,
                                     primary=primary)
   # Every evaluation uses the same held-out batches, so eval losses compare across steps.
@@ -322,6 +324,16 @@ def _halt_if_nonfinite(nan_host: dict, t, ckpt, writer) -> None:
       f"{report}. Nothing was saved after the bad step; "
       + (f"the latest checkpoint is step {latest} in {ckpt.directory} (a restart resumes from it)"
          if latest is not None else f"there is no checkpoint yet in {ckpt.directory}") + ".")
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`workdir/config.json`: the config the run started with (what `moejax.plot` and readers of
+  a workdir need), written whole or not at all."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  os.replace(path + ".tmp", path)
 
 
 def _primary_process() -> bool:

@@ -72,6 +72,10 @@ def test_a_failing_write_names_the_path_and_a_restart_uses_the_previous_checkpoi
   assert sorted(os.listdir(ckpts)) == ["2", "4", "6", "8"]   # no tmp directory left
   straight = str(tmp_path / "straight")
   train_and_evaluate(config, straight, progress=False)
+  with open(os.path.join(straight, "config.json")) as f:   # the run's config, in its workdir
+    written = json.load(f)
+  assert written["train"]["steps"] == config.train.steps
+  assert written["model"]["moe"]["router"] == config.model.moe.router
   losses = lambda w: [r["train/loss"] for r in read_metrics(w) if "train/loss" in r]
   assert len(losses(workdir)) == 8
   np.testing.assert_array_equal(losses(workdir), losses(straight))
