@@ -68,6 +68,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 import numpy as np  # noqa: E402
 
 from moejax.config import load_config_file, set_fields  # noqa: E402
+from moejax.sweep_results import append_row, finished_names  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +216,7 @@ def mutual_information(config, workdir: str) -> list[float]:
 
 
 def _config_of(workdir: str):
-  """The config a run was trained with (`workdir/config.json`, written before training)."""
+  """The config a run was trained with (`workdir/config.json`, which `train_and_evaluate` writes at a run's first start)."""
   import ml_collections  # noqa: PLC0415
   with open(os.path.join(workdir, "config.json")) as f:
     return ml_collections.ConfigDict(json.load(f))
@@ -250,26 +251,6 @@ def run_row(variant: Variant, seed: int, config, workdir: str, wall_s: float) ->
           "wall_s": round(wall_s, 1)}
 
 
-def finished_names(results_path: str) -> set[str]:
-  """Names of the runs already in the results file (none if it does not exist)."""
-  if not os.path.exists(results_path):
-    return set()
-  with open(results_path, newline="") as f:
-    return {row["name"] for row in csv.DictReader(f)}
-
-
-def append_row(results_path: str, row: dict) -> None:
-  """Appends `row` (header first for a new file), flushed and fsynced."""
-  new = not os.path.exists(results_path) or os.path.getsize(results_path) == 0
-  with open(results_path, "a", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
-    if new:
-      writer.writeheader()
-    writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def run_all(results_path: str, runs_dir: str, *, budget: Budget, seeds: Sequence[int],
             variants: Sequence[Variant] = VARIANTS, only: str | None = None,
             train_fn: Callable | None = None, log: Callable[[str], None] = print) -> list[dict]:
@@ -294,15 +275,13 @@ def run_all(results_path: str, runs_dir: str, *, budget: Budget, seeds: Sequence
       continue
     workdir = os.path.join(runs_dir, run_name(variant, seed))
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=1))
     tic = time.perf_counter()
     summary = train_fn(config, workdir)
     if summary.get("stopped_early"):
       log(f"{run_name(variant, seed)}: stopped at step {summary.get('step')}; rerun to resume")
       break
     row = run_row(variant, seed, config, workdir, time.perf_counter() - tic)
-    append_row(results_path, row)
+    append_row(results_path, row, COLUMNS)
     added.append(row)
     log(f"[{i + 1}/{len(todo)}] {row['name']}: eval {row['eval_loss']:.4f} (Bayes "
         f"+{row['gap_bayes']:.4f})  MaxVio {row['max_vio']:.3f}  MI {row['mi_mean']:.3f}  "

@@ -25,7 +25,6 @@ model can reach at this sequence length) is a check on the fitted irreducible te
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
@@ -43,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from moejax.config import load_config_file, set_fields  # noqa: E402
 from moejax.scaling.accounting import flops_per_token, param_counts  # noqa: E402
+from moejax import sweep_results  # noqa: E402
 
 # Columns of the results file, in order. N_* count parameters (accounting.param_counts), D is
 # training tokens, C = flops_per_token * D is training FLOPs (exact count, causal attention).
@@ -155,31 +155,9 @@ def run_row(run: Run, config, summary: dict, wall_s: float) -> dict:
           "tokens_per_s": summary.get("train/tokens_per_s", float("nan"))}
 
 
-def finished_names(results_path: str) -> set[str]:
-  """Names of the runs already in the results file (none if it does not exist)."""
-  if not os.path.exists(results_path):
-    return set()
-  with open(results_path, newline="") as f:
-    return {row["name"] for row in csv.DictReader(f)}
-
-
 def append_row(results_path: str, row: dict) -> None:
-  """Appends `row` to the results CSV (writing the header first for a new file), flushed and
-  fsynced: a row is on disk once it is there, and a killed sweep never leaves half a row."""
-  new = not os.path.exists(results_path) or os.path.getsize(results_path) == 0
-  line = ",".join(_cell(row[k]) for k in COLUMNS) + "\n"
-  with open(results_path, "a", newline="") as f:
-    if new:
-      f.write(",".join(COLUMNS) + "\n")
-    f.write(line)
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _cell(value) -> str:
-  if isinstance(value, float):
-    return repr(value)
-  return str(value)
+  """Appends `row`'s COLUMNS to the results CSV (`moejax.sweep_results.append_row`)."""
+  sweep_results.append_row(results_path, row, COLUMNS)
 
 
 def run_grid(grid: Grid, results_path: str, workdir_root: str, *, gmm_backend: str = "blocked",
@@ -192,7 +170,7 @@ def run_grid(grid: Grid, results_path: str, workdir_root: str, *, gmm_backend: s
     from moejax.train import train_and_evaluate  # noqa: PLC0415
     train_fn = lambda config, workdir: train_and_evaluate(config, workdir, progress=False)
   os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
-  done = finished_names(results_path)
+  done = sweep_results.finished_names(results_path)
   todo = [r for r in grid_runs(grid) if r.name not in done and (not only or only in r.name)]
   log(f"{len(done)} runs already in {results_path}; {len(todo)} to train")
   added = []

@@ -26,17 +26,19 @@ from moejax.moe.routing import Routing
 
 
 @contextlib.contextmanager
-def _recording_routes(model, records: dict):
+def _recording_routes(model, records: dict, logits: dict):
   """While open, every `MoELayer.route` call of `model`'s blocks stores its `Routing` in
-  `records` under the layer's metric name (`layer_<i>`, as in `MoEAux.layers`)."""
+  `records` and its gate's logits [T, E] (without training noise) in `logits`, under the
+  layer's metric name (`layer_<i>`, as in `MoEAux.layers`)."""
   names = {id(block.ffn): f"layer_{i}" for i, block in enumerate(model.blocks)
            if isinstance(block.ffn, MoELayer)}
   original = MoELayer.route
 
-  def route(self, *args, **kwargs):
-    routing = original(self, *args, **kwargs)
+  def route(self, x, *args, **kwargs):
+    routing = original(self, x, *args, **kwargs)
     if id(self) in names:
       records[names[id(self)]] = routing
+      logits[names[id(self)]] = self.router.logits(x, train=False, rng=None)
     return routing
 
   MoELayer.route = route
@@ -49,10 +51,10 @@ def _recording_routes(model, records: dict):
 @functools.partial(jax.jit, static_argnames=("graphdef", "train"))
 def _trace(graphdef, state, inputs, positions, segment_ids, rng, *, train):
   model = nnx.merge(graphdef, state)
-  records: dict = {}
-  with _recording_routes(model, records):
+  records, logits = {}, {}
+  with _recording_routes(model, records, logits):
     model(inputs, positions, segment_ids, train=train, rng=rng)
-  return records
+  return records, logits
 
 
 def routing_trace(model, batch: dict, *, train: bool = False,
@@ -71,6 +73,17 @@ def routing_trace(model, batch: dict, *, train: bool = False,
   Returns:
     {"layer_<i>": Routing} for the MoE layers, with T = B*S tokens in row order.
   """
+  return _trace_batch(model, batch, train, rng)[0]
+
+
+def router_logits_trace(model, batch: dict) -> dict[str, jax.Array]:
+  """{"layer_<i>": router logits [B*S, E] float32} of each MoE layer when `model` runs on
+  `batch` in evaluation mode: the gate applied to the layer's input, what transformers'
+  `output_router_logits=True` returns (the parity tests of `moejax.interop.hf`)."""
+  return _trace_batch(model, batch, False, None)[1]
+
+
+def _trace_batch(model, batch, train, rng):
   graphdef, state = nnx.split(model)
   inputs = jnp.asarray(batch["inputs"])
   b, s = inputs.shape

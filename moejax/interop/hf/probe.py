@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+
+from moejax.moe import analysis
 
 
 def router_logits(model, inputs: jax.Array, positions: jax.Array | None = None,
@@ -12,7 +13,7 @@ def router_logits(model, inputs: jax.Array, positions: jax.Array | None = None,
   on `inputs` [B, S] (eval mode), as transformers' `output_router_logits=True` gives them: the
   gate of each sparse MoE layer ("Outrageously Large Neural Networks", Shazeer et al. 2017,
   arXiv:1701.06538) applied to its input."""
-  return {i: logits for i, (logits, _) in _layers(model, inputs, positions, segment_ids).items()}
+  return _by_index(analysis.router_logits_trace(model, _batch(inputs, positions, segment_ids)))
 
 
 def routings(model, inputs: jax.Array, positions: jax.Array | None = None,
@@ -20,25 +21,19 @@ def routings(model, inputs: jax.Array, positions: jax.Array | None = None,
   """{layer index: `Routing`} of each MoE layer on `inputs` [B, S] (eval mode): which experts
   each of the B*S tokens went to (`expert_index` [B*S, K]) and with what weight, for routing
   analysis (e.g. OpenMoE's token-id specialisation, arXiv:2402.01739)."""
-  return {i: r for i, (_, r) in _layers(model, inputs, positions, segment_ids).items()}
+  return _by_index(analysis.routing_trace(model, _batch(inputs, positions, segment_ids)))
 
 
-def _layers(model, inputs, positions, segment_ids):
-  """The forward pass of `Transformer.__call__`, block by block, recording each MoE layer's
-  router logits and routing decision (its input is recomputed from the block's input)."""
-  b, s = inputs.shape
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  if segment_ids is None:
-    segment_ids = jnp.ones((b, s), jnp.int32)
-  x = model.embed[...].astype(model.dtype)[inputs]
-  out = {}
-  for i, block in enumerate(model.blocks):
-    if block.is_moe:
-      h = x + block.attn(block.attn_norm(x), positions, segment_ids).astype(x.dtype)
-      h = block.ffn_norm(h).reshape(b * s, -1)
-      mask = segment_ids.reshape(b * s) > 0
-      out[i] = (block.ffn.router.logits(h, train=False, rng=None),
-                block.ffn.route(h, mask, token_ids=inputs.reshape(b * s), num_sequences=b))
-    x, _, _ = block(x, positions, segment_ids, train=False, rng=None, token_ids=inputs)
-  return out
+def _batch(inputs, positions, segment_ids) -> dict:
+  batch = {"inputs": inputs}
+  if positions is not None:
+    batch["positions"] = positions
+  if segment_ids is not None:
+    batch["segment_ids"] = segment_ids
+  return batch
+
+
+def _by_index(per_layer: dict) -> dict:
+  """{"layer_<i>": v} -> {i: v}, in layer order."""
+  return {int(name.split("_")[1]): v for name, v in sorted(
+      per_layer.items(), key=lambda kv: int(kv[0].split("_")[1]))}
