@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.dense_layers = ()      # more dense layers by 0-based index (Qwen2-MoE's mlp_only_layers)
 
   m.moe = moe = ml_collections.ConfigDict()
+  moe.layer = "sparse"     # the MoE FFN (moejax.moe.variants.MOE_LAYERS): sparse | soft | ...
   moe.num_experts = 8
   moe.top_k = 2
   moe.granularity = 1      # E*G experts of width d_ff/G, top K*G (arXiv:2402.07871)

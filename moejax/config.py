@@ -117,6 +117,8 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   _check(m.d_ff % moe.granularity == 0, "model.moe.granularity", moe.granularity,
          f"a divisor of model.d_ff={m.d_ff}")
   FFN_FORMS.check(moe.expert_type)
+  from moejax.moe.variants import MOE_LAYERS  # noqa: PLC0415
+  MOE_LAYERS[moe.get("layer", "sparse")].check_config(m)
   ROUTERS.check(moe.router)
   router_args = router_arguments(ROUTERS[moe.router])
   for key in moe.router_args:

@@ -14,7 +14,8 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from moejax.moe import MLP, MoELayer, is_moe_layer
+from moejax.moe import MLP, is_moe_layer
+from moejax.moe.variants import MOE_LAYERS
 from moejax.params import logical_param, ones_param, zeros_param
 
 
@@ -202,20 +203,23 @@ class Block(nnx.Module):
     self.attn = (LatentAttention if m.get("attention", "mha") == "mla" else Attention)(m, rngs=rngs)
     self.ffn_norm = RMSNorm(m.d_model, param_dtype=pd, eps=eps)
     self.is_moe = moe
-    self.ffn = (MoELayer(m, rngs=rngs, mesh=mesh) if moe else
+    self.ffn = (MOE_LAYERS[m.moe.get("layer", "sparse")](m, rngs=rngs, mesh=mesh) if moe else
                 MLP(m.d_model, m.get("dense_d_ff", 0) or m.d_ff, m.moe.expert_type, rngs=rngs,
                     dtype=jnp.dtype(m.dtype), param_dtype=pd))
 
-  def __call__(self, x, positions, segment_ids, *, train, rng, token_ids=None):
-    """x: [B, S, D], token_ids: [B, S] (the model's input ids, for routers that read them)
-    -> (x [B, S, D], aux_loss, metrics or None)."""
+  def __call__(self, x, positions, segment_ids, *, train, rng, token_ids=None, carry=None):
+    """x: [B, S, D], token_ids: [B, S] (the model's input ids, for routers that read them),
+    carry: the routing state of the previous MoE layer ({}: none yet) -> (x [B, S, D], aux_loss,
+    metrics or None, the routing state for the next MoE layer)."""
+    carry = {} if carry is None else carry
     x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
     h = self.ffn_norm(x)
     if self.is_moe:
-      y, aux_loss, metrics = self.ffn(h, segment_ids, train=train, rng=rng, token_ids=token_ids)
+      y, aux_loss, metrics, carry = self.ffn.forward(h, segment_ids, train=train, rng=rng,
+                                                     token_ids=token_ids, carry=carry)
     else:
       y, aux_loss, metrics = self.ffn(h), jnp.zeros((), jnp.float32), None
-    return x + y.astype(x.dtype), aux_loss, metrics
+    return x + y.astype(x.dtype), aux_loss, metrics, carry
 
 
 class Transformer(nnx.Module):
@@ -229,6 +233,9 @@ class Transformer(nnx.Module):
     self.embed = logical_param(rngs, (m.vocab_size, m.d_model), 1.0, ("vocab", "embed"), pd)
     self.blocks = nnx.List([Block(m, is_moe_layer(m, i), rngs=rngs, mesh=mesh)
                             for i in range(m.num_layers)])
+    moe_layers = [block.ffn for block in self.blocks if block.is_moe]
+    for index, layer in enumerate(moe_layers):
+      layer.link(moe_layers, index)
     self.final_norm = RMSNorm(m.d_model, param_dtype=pd, eps=m.get("norm_eps", 1e-6))
     self.head = (None if m.tie_embeddings else
                  logical_param(rngs, (m.d_model, m.vocab_size), m.d_model ** -0.5,
@@ -249,11 +256,11 @@ class Transformer(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
     x = self.embed[...].astype(self.dtype)[inputs]
-    aux_loss, layers = jnp.zeros((), jnp.float32), {}
+    aux_loss, layers, carry = jnp.zeros((), jnp.float32), {}, {}
     for i, block in enumerate(self.blocks):
       layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-      x, layer_loss, metrics = block(x, positions, segment_ids, train=train, rng=layer_rng,
-                                     token_ids=inputs)
+      x, layer_loss, metrics, carry = block(x, positions, segment_ids, train=train,
+                                            rng=layer_rng, token_ids=inputs, carry=carry)
       aux_loss = aux_loss + layer_loss
       if metrics is not None:
         layers[f"layer_{i}"] = metrics

@@ -160,7 +160,7 @@ class Trainer:
     model = nnx.merge(self.graphdef, params)
     for i, block in enumerate(model.blocks):
       if block.is_moe:
-        block.ffn.router.update_state(aux.layers[f"layer_{i}"])
+        block.ffn.update_state(aux.layers[f"layer_{i}"])
     return nnx.to_pure_dict(nnx.state(model))
 
   def _eval_step(self, params, batch):

@@ -5,13 +5,15 @@
   dispatch/  capacity.py, dropless.py, expert_parallel.py (all-to-all, ring), under shard_map
   experts.py FFN forms, the expert bank (leading expert axis), shared experts
   layer.py   route -> permute -> grouped matmul -> unpermute and combine
+  variants/  registry `MOE_LAYERS` (`model.moe.layer`): the sparse layer and the variants
 """
 from moejax.moe.dims import MoEDims, is_moe_layer, moe_dims
 from moejax.moe.dispatch import DISPATCHERS, EP_EXCHANGES, DispatchPlan
 from moejax.moe.experts import FFN_FORMS, GMM_BACKENDS, MLP, ExpertBank, ExpertFFN, SharedExperts
 from moejax.moe.layer import MoELayer
 from moejax.moe.routing import ROUTERS, Router, Routing
+from moejax.moe.variants import MOE_LAYERS, MoEFFN
 
-__all__ = ["DISPATCHERS", "EP_EXCHANGES", "FFN_FORMS", "GMM_BACKENDS", "ROUTERS", "DispatchPlan",
+__all__ = ["MOE_LAYERS", "MoEFFN", "DISPATCHERS", "EP_EXCHANGES", "FFN_FORMS", "GMM_BACKENDS", "ROUTERS", "DispatchPlan",
            "ExpertBank", "ExpertFFN", "MLP", "MoEDims", "MoELayer", "Router", "Routing", "SharedExperts",
            "is_moe_layer", "moe_dims"]

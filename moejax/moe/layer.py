@@ -17,7 +17,52 @@ from moejax.moe.experts import MLP, ExpertBank, SharedExperts
 from moejax.moe.routing import ROUTERS, Routing
 
 
-class MoELayer(nnx.Module):
+class MoEFFN(nnx.Module):
+  """What every MoE FFN of the layer registry (`moejax.moe.variants.MOE_LAYERS`,
+  `model.moe.layer`) is to the model's blocks.
+
+  Constructor: `(model: the config's model subtree, *, rngs, mesh=None)`. A layer implements
+  `forward(x [B, S, D], segment_ids [B, S] or None, *, train, rng, token_ids [B, S] or None,
+  carry) -> (y [B, S, D], weighted aux loss (scalar), metrics {name: array}, carry)`, where
+  `carry` ({name: [B*S, ...]}) is the routing state one MoE layer hands the next ({} at the
+  first; a layer that keeps none hands on what it got). Calling the layer runs `forward` from
+  an empty carry and returns the first three.
+
+  `check_config(model)` (a classmethod) raises `ConfigError` for options the layer cannot take;
+  it runs in `moejax.config.validate`, before anything is compiled.
+  """
+
+  @classmethod
+  def check_config(cls, model: ml_collections.ConfigDict) -> None:
+    del model
+
+  def forward(self, x, segment_ids=None, *, train=False, rng=None, token_ids=None, carry=None):
+    raise NotImplementedError
+
+  def link(self, moe_layers: list, index: int) -> None:
+    """Called once by the model after all its blocks are built: `moe_layers` are the model's
+    MoE FFNs in depth order, this one at `index`. For layers that use other layers'
+    parameters (cross-layer expert reuse); nothing by default."""
+    del moe_layers, index
+
+  def update_state(self, metrics: dict) -> None:
+    """After an optimizer step, from this layer's global-batch metrics: moves the layer's
+    `RouterState` (the router's by default; see `Router.update_state`)."""
+    router = getattr(self, "router", None)
+    if router is not None:
+      router.update_state(metrics)
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, *, train: bool = False,
+               rng: jax.Array | None = None,
+               token_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+    """x: [B, S, D], segment_ids: [B, S] (0: padding), token_ids: [B, S] -> (y [B, S, D],
+    weighted aux loss, metrics); `forward` without a carry."""
+    y, aux_loss, metrics, _ = self.forward(x, segment_ids, train=train, rng=rng,
+                                           token_ids=token_ids, carry={})
+    return y, aux_loss, metrics
+
+
+class MoELayer(MoEFFN):
   """Sparse FFN: a router from the registry, an expert bank, optional shared experts.
 
   Granularity, shared experts, the router and the dispatch are all config (`moejax.moe.dims`,
@@ -45,22 +90,26 @@ class MoELayer(nnx.Module):
     self.shared = (shared_cls(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
                               dtype=dtype, param_dtype=param_dtype) if dims.shared_width else None)
 
+  def expert_weights(self) -> dict:
+    """The weights dispatch multiplies with, {name: [E, D, F] / [E, F, D]}: this layer's bank."""
+    return self.experts.weights()
+
   def route(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool = False,
             rng: jax.Array | None = None, token_ids: jax.Array | None = None,
-            num_sequences: int = 1) -> Routing:
-    """x: [T, D], token_mask: [T] bool (False: padding), token_ids: [T] int -> the router's
-    decision. `num_sequences`: B, the rows the T tokens come from (for `lb_loss_scope` =
-    sequence)."""
+            num_sequences: int = 1, carry: dict | None = None) -> Routing:
+    """x: [T, D], token_mask: [T] bool (False: padding), token_ids: [T] int, carry: the
+    previous MoE layer's routing state -> the router's decision. `num_sequences`: B, the rows
+    the T tokens come from (for `lb_loss_scope` = sequence)."""
     groups = balance_groups(self.lb_loss_scope, self.plan.num_batch_shards, num_sequences)
     return self.router(x, token_mask, train=train, rng=rng, balance_groups=groups,
-                       token_ids=token_ids)
+                       token_ids=token_ids, carry=carry)
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None, *, train: bool = False,
-               rng: jax.Array | None = None,
-               token_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict]:
+  def forward(self, x: jax.Array, segment_ids: jax.Array | None = None, *, train: bool = False,
+              rng: jax.Array | None = None, token_ids: jax.Array | None = None,
+              carry: dict | None = None) -> tuple[jax.Array, jax.Array, dict, dict]:
     """x: [B, S, D], segment_ids: [B, S] (0: padding, not routed), token_ids: [B, S] (input
-    ids, for routers that read them) -> (y [B, S, D], weighted aux loss (scalar), metrics
-    {name: array}).
+    ids, for routers that read them), carry: the previous MoE layer's routing state -> (y [B,
+    S, D], weighted aux loss (scalar), metrics {name: array}, this layer's routing state).
 
     Metrics: `load` [E], `dropped_frac`, `experts_per_token` (experts that computed each routed
     token, after drops), `router_entropy`, `max_vio`, `lb_loss`, `z_loss` and the router's own.
@@ -69,13 +118,14 @@ class MoELayer(nnx.Module):
     xt = x.reshape(b * s, d)
     mask = None if segment_ids is None else segment_ids.reshape(b * s) > 0
     ids = None if token_ids is None else token_ids.reshape(b * s)
-    routing = self.route(xt, mask, train=train, rng=rng, token_ids=ids, num_sequences=b)
+    routing = self.route(xt, mask, train=train, rng=rng, token_ids=ids, num_sequences=b,
+                         carry=carry)
     losses = dict(routing.aux_losses)
     if train and self.router.per_slot_outputs:
       y, dispatch_metrics, losses["slot_loss"] = self._per_slot(xt, routing)
     else:
       y, dispatch_metrics = dispatch(xt, routing.expert_index, routing.combine_weights,
-                                     self.experts.weights(), ffn=self.experts.ffn, plan=self.plan)
+                                     self.expert_weights(), ffn=self.experts.ffn, plan=self.plan)
     if self.shared is not None:
       y = y + self.shared(xt)
     # lb and z losses are weighted here; the router's own losses come weighted.
@@ -85,7 +135,7 @@ class MoELayer(nnx.Module):
     tokens = jnp.maximum(jnp.sum(routing.token_mask.astype(jnp.float32)), 1.0)
     metrics = {**routing.metrics, **dispatch_metrics, **losses,
                "experts_per_token": copies * (1.0 - dispatch_metrics["dropped_frac"]) / tokens}
-    return y.reshape(b, s, d).astype(x.dtype), aux_loss, metrics
+    return y.reshape(b, s, d).astype(x.dtype), aux_loss, metrics, routing.carry
 
 
   def _per_slot(self, xt: jax.Array, routing: Routing):
@@ -94,7 +144,7 @@ class MoELayer(nnx.Module):
     `slot_loss`). Same FLOPs as one dispatch of K slots."""
     k = routing.expert_index.shape[1]
     ones = jnp.ones_like(routing.combine_weights[:, :1])
-    outs = [dispatch(xt, routing.expert_index[:, j:j + 1], ones, self.experts.weights(),
+    outs = [dispatch(xt, routing.expert_index[:, j:j + 1], ones, self.expert_weights(),
                      ffn=self.experts.ffn, plan=self.plan) for j in range(k)]
     y_slots = jnp.stack([o[0] for o in outs])                                   # [K, T, D]
     y = jnp.einsum("ktd,tk->td", y_slots, routing.combine_weights.astype(y_slots.dtype))

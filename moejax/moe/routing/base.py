@@ -39,6 +39,9 @@ class Routing:
       weights them), and `router_loss` when the router has its own, already weighted (ReMoE's
       adaptive L1, top-p's entropy loss).
     metrics: {name: array} `load` [E], `router_entropy`, `max_vio`.
+    carry: {name: array [T, ...]} routing state handed to the next MoE layer of the model
+      (`Router.carry_logits`): the router logits by default; routers that recur over depth
+      put their state here. {} when the router keeps none.
   """
   expert_index: jax.Array
   combine_weights: jax.Array
@@ -47,6 +50,7 @@ class Routing:
   token_mask: jax.Array
   aux_losses: dict
   metrics: dict
+  carry: dict = flax.struct.field(default_factory=dict)
 
   @property
   def num_experts(self) -> int:
@@ -150,6 +154,16 @@ class Router(nnx.Module):
       return jnp.zeros((x.shape[0], self.num_experts), jnp.float32)
     return jnp.dot(x.astype(jnp.float32), self.gate[...].astype(jnp.float32))
 
+  def carry_logits(self, x: jax.Array, carry: dict, *, train: bool,
+                   rng: jax.Array | None) -> tuple[jax.Array, dict]:
+    """Router logits from the token and the routing state `carry` that the previous MoE layer
+    handed on ({} at the first MoE layer): x [T, D], carry {name: [T, ...]} -> (logits [T, E]
+    float32, the carry for the next MoE layer). By default the logits ignore the carry and are
+    handed on as `router_logits`; routers that recur over depth override this."""
+    del carry
+    logits = self.logits(x, train=train, rng=rng)
+    return logits, {"router_logits": logits}
+
   def select(self, scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k of `scores` [T, E] plus the selection bias (if any); returns (the unbiased scores
     of the chosen experts [T, k], their indices [T, k] int32): the bias changes which experts
@@ -178,9 +192,10 @@ class Router(nnx.Module):
 
   def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool = False,
                rng: jax.Array | None = None, balance_groups: int = 1,
-               token_ids: jax.Array | None = None) -> Routing:
+               token_ids: jax.Array | None = None, carry: dict | None = None) -> Routing:
     """x: [T, D], token_mask: [T] bool (False: padding, not routed), token_ids: [T] int (the
-    model's input ids; routers that hash them need them) -> Routing.
+    model's input ids; routers that hash them need them), carry: the previous MoE layer's
+    `Routing.carry` (None or {}: this is the first) -> Routing.
 
     `balance_groups` n > 1 computes the load-balancing loss per group of T/n consecutive
     tokens (per device, or per sequence: `model.moe.lb_loss_scope`) and averages it (see
@@ -190,7 +205,7 @@ class Router(nnx.Module):
       rng_logits, rng_decide = jax.random.split(rng)
     else:
       rng_logits = rng_decide = None
-    logits = self.logits(x, train=train, rng=rng_logits)
+    logits, carry = self.carry_logits(x, carry or {}, train=train, rng=rng_logits)
     if token_mask is not None:
       # Padding scores far below any token, so routers that rank tokens against each other
       # (expert choice, BASE) take real tokens first; token-choice slots are masked below.
@@ -218,4 +233,5 @@ class Router(nnx.Module):
         token_mask=token_mask,
         aux_losses=aux_losses,
         metrics={**balance.routing_metrics(probs, group_sizes, token_mask), **extra},
+        carry=carry,
     )
