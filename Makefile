@@ -16,10 +16,12 @@ TEST_WORKERS ?= 2
 
 setup: $(VENV)/.installed
 
+# --no-compile: pip does not byte-compile every installed module (torch and transformers are most
+# of them: about a minute here); Python compiles the modules a run imports, once, on first use.
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-compile -e '.[test]'
 	touch $@
 
 train: $(VENV)/.installed

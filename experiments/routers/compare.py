@@ -322,9 +322,10 @@ def steps_to_reach(steps: np.ndarray, curve: np.ndarray, target: float) -> float
   return float(s0 + (s1 - s0) * (l0 - target) / (l0 - l1))
 
 
-def by_variant(rows: list[dict]) -> dict[str, list[dict]]:
-  """Rows grouped by variant, in VARIANTS order (unknown variants last)."""
-  order = {v.name: i for i, v in enumerate(VARIANTS)}
+def by_variant(rows: list[dict], variants: Sequence[Variant] = VARIANTS
+               ) -> dict[str, list[dict]]:
+  """Rows grouped by variant, in `variants` order (unknown variants last)."""
+  order = {v.name: i for i, v in enumerate(variants)}
   groups: dict[str, list[dict]] = {}
   for r in sorted(rows, key=lambda r: (order.get(r["variant"], len(order)), r["seed"])):
     groups.setdefault(r["variant"], []).append(r)
@@ -454,14 +455,14 @@ TABLE = (("eval loss", "eval_loss", "{:.4f}"), ("- floor", "gap_floor", "{:.4f}"
          ("MI max", "mi_max", "{:.3f}"))
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], variants: Sequence[Variant] = VARIANTS) -> str:
   """One line per variant: means over seeds (± std with several seeds), and the speed-up to
   top-k's final loss."""
   per_seed = speedups_per_seed(rows)
-  notes = {v.name: v.note for v in VARIANTS}
+  notes = {v.name: v.note for v in variants}
   head = ["variant", "router", "seeds"] + [t[0] for t in TABLE] + ["speed-up vs top-k", "note"]
   lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-  for name, group in by_variant(rows).items():
+  for name, group in by_variant(rows, variants).items():
     cells = [name, group[0]["router"], str(len(group))]
     for _, key, fmt in TABLE:
       m, s = _mean_std(group, key)
@@ -476,10 +477,11 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot_bars(rows: list[dict], path: str) -> str:
+def plot_bars(rows: list[dict], path: str, variants: Sequence[Variant] = VARIANTS,
+              title: str = "router comparison") -> str:
   """Bar chart per metric (means over seeds, std as error bars with several seeds)."""
   from moejax.plot import plt  # noqa: PLC0415  (Agg backend)
-  groups = by_variant(rows)
+  groups = by_variant(rows, variants)
   names = list(groups)
   panels = (("eval loss - Bayes loss", "gap_bayes"), ("MaxVio", "max_vio"),
             ("dropped fraction", "dropped_frac"), ("experts per token", "experts_per_token"),
@@ -496,7 +498,7 @@ def plot_bars(rows: list[dict], path: str) -> str:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
   seeds = sorted({int(r["seed"]) for r in rows})
-  fig.suptitle(f"router comparison, {int(rows[0]['steps'])} steps, seeds {seeds}")
+  fig.suptitle(f"{title}, {int(rows[0]['steps'])} steps, seeds {seeds}")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
