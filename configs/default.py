@@ -40,6 +40,11 @@ def get_config() -> ml_collections.ConfigDict:
   m.dense_d_ff = 0         # hidden width of the dense layers' FFN (0: d_ff)
   m.first_dense_layers = 0  # the first N layers are dense (DeepSeek-V3's first_k_dense_replace)
   m.dense_layers = ()      # more dense layers by 0-based index (Qwen2-MoE's mlp_only_layers)
+  # Mixture-of-Depths (arXiv:2404.02258; README, "Expert variants"): every mod_every-th block
+  # runs only the top mod_capacity of each sequence's tokens (0 or 1: off).
+  m.mod_capacity = 0.0
+  m.mod_every = 2
+  m.mod_aux_loss_weight = 0.01  # the router's causal predictor loss (sec. 3.5)
 
   m.moe = moe = ml_collections.ConfigDict()
   moe.layer = "sparse"     # the MoE FFN (moejax.moe.variants.MOE_LAYERS): sparse | soft | ...
@@ -67,6 +72,23 @@ def get_config() -> ml_collections.ConfigDict:
   moe.bias_update_rate = 0.0
   moe.lb_loss_weight = 0.01
   moe.z_loss_weight = 0.001
+  # Variants of the sparse layer (README, "Expert variants"); each default is the plain layer.
+  moe.null_experts = 0     # AdaMoE null experts among the router's choices (arXiv:2406.13233)
+  moe.extra_experts = ()   # MoE++ zero-computation experts: "zero" | "copy" | "constant" each
+  moe.zero_compute_lb_weight = 1.0  # MoE++'s tau on their load-balancing terms
+  moe.gating_residual = False  # MoE++: + the previous MoE layer's router logits through W_g
+  moe.chain_iterations = 1  # Chain-of-Experts: C routed passes over one bank (arXiv:2506.18945)
+  moe.expert_widths = ()   # HMoE: E hidden widths (arXiv:2408.10681); (): all d_ff/G
+  moe.param_penalty_weight = 0.0  # HMoE's P-Penalty, towards the narrower experts
+  moe.reuse_range = 1      # layer="rexmoe": borrow experts of MoE layers this far on each side
+  moe.aoe_rank = 16        # layer="aoe": rank r of the factorised first projection
+  moe.soft_slots_per_expert = 1  # layer="soft": P slots per expert (Soft MoE; not causal)
+  moe.smear_routing = "prefix"  # layer="smear": prefix (causal) | sequence (the paper's; not)
+  moe.mot_group_size = 4   # layer="mot": sequences mixed per position (Mixture of Tokens)
+  moe.peer_experts = 16384  # layer="peer": N single-neuron experts, a perfect square
+  moe.peer_heads = 8       # layer="peer": query heads
+  moe.peer_top_k = 16      # layer="peer": experts per head, at most sqrt(N)
+  moe.mh_heads = 2         # layer="multi_head": sub-tokens per token (MH-MoE)
 
   c.train = t = ml_collections.ConfigDict()
   t.steps = 1500

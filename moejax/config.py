@@ -185,6 +185,27 @@ def _validate_model_options(m: ml_collections.ConfigDict) -> None:
   _check(isinstance(gate, bool) and (not gate or m.moe.num_shared_experts > 0),
          "model.moe.shared_expert_gate", gate,
          "True or False; True needs model.moe.num_shared_experts > 0")
+  _validate_mod(m)
+
+
+def _validate_mod(m: ml_collections.ConfigDict) -> None:
+  """Mixture-of-Depths (moejax.moe.depth, arXiv:2404.02258): `model.mod_capacity` (0 or 1: off),
+  `model.mod_every`, `model.mod_aux_loss_weight`; missing fields take their defaults."""
+  c, every = m.get("mod_capacity", 0.0), m.get("mod_every", 2)
+  weight = m.get("mod_aux_loss_weight", 0.01)
+  _check(_is_number(c) and 0 <= c <= 1, "model.mod_capacity", c,
+         "a fraction in (0, 1) of each sequence that routed blocks process (0 or 1: off)")
+  _check(isinstance(every, int) and not isinstance(every, bool) and every >= 1,
+         "model.mod_every", every, "an integer >= 1")
+  _check(_is_number(weight) and weight >= 0, "model.mod_aux_loss_weight", weight,
+         "a number >= 0")
+  if 0 < c < 1:
+    _check(every <= m.num_layers, "model.mod_every", every,
+           f"at most model.num_layers={m.num_layers} with model.mod_capacity={c} (so that a "
+           "block routes)")
+    _check(m.moe.dispatch == "dropless", "model.moe.dispatch", m.moe.dispatch,
+           f"'dropless' with model.mod_capacity={c} (capacity dispatch's routing groups would "
+           "have to divide the tokens a routed block keeps)")
 
 
 def _is_number(v) -> bool:
@@ -265,8 +286,12 @@ def _validate_mesh(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> 
   ep, tp = sizes["expert"], sizes["tensor"]
   _check(ep <= dims.experts and dims.experts % ep == 0, "mesh.expert", ep,
          f"a divisor of the {dims.experts} experts (model.moe.num_experts * granularity)")
-  _check(dims.expert_width % tp == 0, "mesh.tensor", tp,
-         f"a divisor of the expert width {dims.expert_width} (model.d_ff / granularity)")
+  widths = tuple(moe.get("expert_widths", ()) or ())
+  width = max(widths) if widths else dims.expert_width
+  _check(width % tp == 0, "mesh.tensor", tp,
+         f"a divisor of the expert width {width} ("
+         + ("the widest of model.moe.expert_widths" if widths else "model.d_ff / granularity")
+         + ")")
   shards = sizes["data"] * sizes["fsdp"] * ep
   _check(t.batch_size % shards == 0, "train.batch_size", t.batch_size,
          f"a multiple of mesh.data * mesh.fsdp * mesh.expert = {shards} (the batch is split "

@@ -14,7 +14,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from moejax.moe import MLP, is_moe_layer
+from moejax.moe import MLP, depth, is_moe_layer
 from moejax.moe.variants import MOE_LAYERS
 from moejax.params import logical_param, ones_param, zeros_param
 
@@ -193,10 +193,19 @@ ATTENTIONS = ("mha", "mla")
 
 
 class Block(nnx.Module):
-  """Pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x)), ffn dense or MoE."""
+  """Pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x)), ffn dense or MoE.
+
+  `mod=True` makes it a Mixture-of-Depths block ("Mixture-of-Depths: Dynamically allocating
+  compute in transformer-based language models", Raposo et al. 2024, arXiv:2404.02258, eq. 1;
+  `moejax.moe.depth`): a router w [D] scores the tokens, r = x w; the top k =
+  round(`model.mod_capacity` * S) of each sequence run through the block alone (attention among
+  them, in their order and positions), x_i + r_i (attn + ffn)_i; the others leave it unchanged.
+  The top-k over a sequence is not causal (a later token can change an earlier choice): see
+  `moejax.moe.depth` for the predictor loss that stands in for it when sampling.
+  """
 
   def __init__(self, m: ml_collections.ConfigDict, moe: bool, *, rngs: nnx.Rngs,
-               mesh: Mesh | None = None):
+               mesh: Mesh | None = None, mod: bool = False):
     pd = jnp.dtype(m.param_dtype)
     eps = m.get("norm_eps", 1e-6)
     self.attn_norm = RMSNorm(m.d_model, param_dtype=pd, eps=eps)
@@ -206,12 +215,21 @@ class Block(nnx.Module):
     self.ffn = (MOE_LAYERS[m.moe.get("layer", "sparse")](m, rngs=rngs, mesh=mesh) if moe else
                 MLP(m.d_model, m.get("dense_d_ff", 0) or m.d_ff, m.moe.expert_type, rngs=rngs,
                     dtype=jnp.dtype(m.dtype), param_dtype=pd))
+    # Mixture-of-Depths router, drawn last: a plain block draws exactly what it drew before.
+    # A vector, so it takes no weight decay (moejax.train.make_optimizer).
+    self.mod_router = (logical_param(rngs, (m.d_model,), m.d_model ** -0.5, ("embed",), pd)
+                       if mod else None)
+    self.mod_capacity = depth.mod_capacity(m) if mod else 0.0
+    self.mod_aux_loss_weight = float(m.get("mod_aux_loss_weight", 0.01))
 
   def __call__(self, x, positions, segment_ids, *, train, rng, token_ids=None, carry=None):
     """x: [B, S, D], token_ids: [B, S] (the model's input ids, for routers that read them),
     carry: the routing state of the previous MoE layer ({}: none yet) -> (x [B, S, D], aux_loss,
     metrics or None, the routing state for the next MoE layer)."""
     carry = {} if carry is None else carry
+    if self.mod_router is not None:
+      return self._routed(x, positions, segment_ids, train=train, rng=rng, token_ids=token_ids,
+                          carry=carry)
     x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
     h = self.ffn_norm(x)
     if self.is_moe:
@@ -220,6 +238,36 @@ class Block(nnx.Module):
     else:
       y, aux_loss, metrics = self.ffn(h), jnp.zeros((), jnp.float32), None
     return x + y.astype(x.dtype), aux_loss, metrics, carry
+
+  def _routed(self, x, positions, segment_ids, *, train, rng, token_ids, carry):
+    """The Mixture-of-Depths block (arguments and results as `__call__`). The block's MoE layer
+    (if any) sees the B*k chosen tokens, and the routing state of those rows (`depth.gather_carry`,
+    `depth.scatter_carry`). Metrics add `mod_loss` (the unweighted sec. 3.5 predictor loss) and
+    `mod_causal_agreement`; the aux loss adds `model.mod_aux_loss_weight` * `mod_loss`."""
+    b, s, _ = x.shape
+    k = depth.mod_tokens(self.mod_capacity, s)
+    scores = depth.router_scores(x, self.mod_router[...])                        # [B, S]
+    valid = segment_ids > 0
+    index = depth.select_tokens(scores, valid, k)                                # [B, k]
+    xs, ps, ss = (depth.gather_tokens(a, index) for a in (x, positions, segment_ids))
+    ids = None if token_ids is None else depth.gather_tokens(token_ids, index)
+    a = self.attn(self.attn_norm(xs), ps, ss).astype(x.dtype)
+    h = self.ffn_norm(xs + a)
+    rows = depth.flat_rows(index, s)
+    if self.is_moe:
+      y, aux_loss, metrics, sub_carry = self.ffn.forward(
+          h, ss, train=train, rng=rng, token_ids=ids, carry=depth.gather_carry(carry, rows))
+      carry = depth.scatter_carry(carry, sub_carry, rows, b * s)
+    else:
+      y, aux_loss, metrics = self.ffn(h), jnp.zeros((), jnp.float32), {}
+    # eq. 1: x_i + r_i f_i(X~); padding that had to be chosen (rows shorter than k) is left as is.
+    r = depth.gather_tokens(scores, index) * (ss > 0)                            # [B, k]
+    update = r[..., None] * (a + y.astype(x.dtype)).astype(jnp.float32)
+    out = depth.scatter_tokens(x, index, xs + update.astype(x.dtype))
+    mod_loss, agreement = depth.causal_predictor_loss(scores, depth.chosen_mask(index, s), valid)
+    aux_loss = aux_loss + self.mod_aux_loss_weight * mod_loss
+    metrics = {**metrics, "mod_loss": mod_loss, "mod_causal_agreement": agreement}
+    return out, aux_loss, metrics, carry
 
 
 class Transformer(nnx.Module):
@@ -231,7 +279,8 @@ class Transformer(nnx.Module):
     pd = jnp.dtype(m.param_dtype)
     self.dtype, self.tie = jnp.dtype(m.dtype), m.tie_embeddings
     self.embed = logical_param(rngs, (m.vocab_size, m.d_model), 1.0, ("vocab", "embed"), pd)
-    self.blocks = nnx.List([Block(m, is_moe_layer(m, i), rngs=rngs, mesh=mesh)
+    self.blocks = nnx.List([Block(m, is_moe_layer(m, i), rngs=rngs, mesh=mesh,
+                                  mod=depth.is_mod_block(m, i))
                             for i in range(m.num_layers)])
     moe_layers = [block.ffn for block in self.blocks if block.is_moe]
     for index, layer in enumerate(moe_layers):

@@ -37,6 +37,11 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     # whole on every device.
     "q_lora": None,
     "kv_lora": None,
+    # Small widths kept whole on every device: the GRU state H of the recurrent router
+    # (moejax.moe.routing.rmoe) and the rank r of Autonomy-of-Experts' factorised expert
+    # projection (moejax.moe.variants.aoe).
+    "router_hidden": None,
+    "expert_rank": None,
 }
 
 

@@ -96,3 +96,24 @@ def test_errors_name_field_value_and_allowed():
   c.model.moe.granularity = 3
   with pytest.raises(ConfigError, match=r"model\.moe\.granularity.*3.*divisor"):
     param_counts(c)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model.moe.layer", "soft"), ("model.moe.null_experts", 4),
+    ("model.moe.extra_experts", ("zero",)), ("model.moe.gating_residual", True),
+    ("model.moe.chain_iterations", 2), ("model.moe.expert_widths", (64,) * 8),
+    ("model.mod_capacity", 0.5)])
+def test_expert_variants_are_refused_not_miscounted(field, value):
+  """The variants change parameters or FLOPs the formulas do not count; the defaults (also as
+  the lists a config.json gives back) are the plain model."""
+  c = load_config()
+  param_counts(c)
+  c.model.moe.extra_experts, c.model.moe.expert_widths = [], []
+  param_counts(c)
+  *parents, leaf = field.split(".")
+  node = c
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    param_counts(c)

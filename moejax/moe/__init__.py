@@ -6,6 +6,8 @@
   experts.py FFN forms, the expert bank (leading expert axis), shared experts
   layer.py   route -> permute -> grouped matmul -> unpermute and combine
   variants/  registry `MOE_LAYERS` (`model.moe.layer`): the sparse layer and the variants
+  extra_experts.py, chain.py, heterogeneous.py: options of the sparse layer (zero-computation
+             experts, Chain-of-Experts, heterogeneous widths); depth.py: Mixture-of-Depths
 """
 from moejax.moe.dims import MoEDims, is_moe_layer, moe_dims
 from moejax.moe.dispatch import DISPATCHERS, EP_EXCHANGES, DispatchPlan

@@ -27,18 +27,23 @@ from moejax.moe.routing import Routing
 
 @contextlib.contextmanager
 def _recording_routes(model, records: dict, logits: dict):
-  """While open, every `MoELayer.route` call of `model`'s blocks stores its `Routing` in
-  `records` and its gate's logits [T, E] (without training noise) in `logits`, under the
-  layer's metric name (`layer_<i>`, as in `MoEAux.layers`)."""
+  """While open, the first `MoELayer.route` call of each of `model`'s MoE layers (the layer's
+  own router; Chain-of-Experts iterations route again) stores its `Routing` in `records` and its
+  router logits [T, E] in `logits` (`Routing.carry["router_logits"]`: with the routing state of
+  earlier layers, e.g. rmoe's recurrence or MoE++'s gating residual, and with the training noise
+  when traced in training mode), under the layer's metric name (`layer_<i>`, as in
+  `MoEAux.layers`)."""
   names = {id(block.ffn): f"layer_{i}" for i, block in enumerate(model.blocks)
            if isinstance(block.ffn, MoELayer)}
   original = MoELayer.route
 
   def route(self, x, *args, **kwargs):
     routing = original(self, x, *args, **kwargs)
-    if id(self) in names:
-      records[names[id(self)]] = routing
-      logits[names[id(self)]] = self.router.logits(x, train=False, rng=None)
+    name = names.get(id(self))
+    if name is not None and name not in records:
+      records[name] = routing
+      logits[name] = (routing.carry["router_logits"] if "router_logits" in routing.carry
+                      else self.router.logits(x, train=False, rng=None))
     return routing
 
   MoELayer.route = route

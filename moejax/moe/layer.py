@@ -11,10 +11,15 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from moejax.errors import ConfigError
+from moejax.moe import heterogeneous
+from moejax.moe.chain import run_chain
 from moejax.moe.dims import moe_dims
 from moejax.moe.dispatch import DispatchPlan, dispatch
 from moejax.moe.experts import MLP, ExpertBank, SharedExperts
-from moejax.moe.routing import ROUTERS, Routing
+from moejax.moe.extra_experts import ZERO_COMPUTE_EXPERTS, ZeroComputeExperts, zero_compute_lb_loss
+from moejax.moe.heterogeneous import param_penalty_loss
+from moejax.moe.routing import ROUTERS, Router, Routing
 
 
 class MoEFFN(nnx.Module):
@@ -68,6 +73,17 @@ class MoELayer(MoEFFN):
   Granularity, shared experts, the router and the dispatch are all config (`moejax.moe.dims`,
   `model.moe`). `mesh` is where the layer runs (None: one device); with a mesh, dispatch runs
   inside `jax.shard_map` and every device works on its own tokens only.
+
+  Variants of the sparse layer, all off by default (no parameter, no random draw, the plain
+  code path):
+  - `null_experts` = N and `extra_experts` = (kind, ...): zero-computation experts, router
+    outputs past the E real ones resolved before dispatch (AdaMoE, arXiv:2406.13233; MoE++,
+    arXiv:2410.07348; `moejax.moe.extra_experts`), with `zero_compute_lb_weight` tau;
+  - `gating_residual`: MoE++'s router residual over depth (`routing.base.gating_residual`);
+  - `chain_iterations` = C: Chain-of-Experts, arXiv:2506.18945 (`moejax.moe.chain`);
+  - `expert_widths` (and `param_penalty_weight`): HMoE, arXiv:2408.10681
+    (`moejax.moe.heterogeneous`).
+  Their parameters are made after the plain ones, so those keep their initial values.
   """
 
   def __init__(self, model: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
@@ -75,34 +91,116 @@ class MoELayer(MoEFFN):
     moe = model.moe
     dims = moe_dims(model)
     dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    num_null, kinds = int(moe.get("null_experts", 0)), tuple(moe.get("extra_experts", ()) or ())
+    widths = heterogeneous.expert_widths(model)
     self.plan = DispatchPlan.build(moe, dims.experts, mesh,
                                    experts_per_token=dims.experts_per_token)
     self.lb_loss_scope = moe.lb_loss_scope
     self.lb_loss_weight, self.z_loss_weight = moe.lb_loss_weight, moe.z_loss_weight
-    self.router = ROUTERS[moe.router](model.d_model, dims.experts, dims.experts_per_token,
-                                      rngs=rngs, param_dtype=param_dtype,
-                                      vocab_size=model.vocab_size,
-                                      bias_update_rate=moe.bias_update_rate, **moe.router_args)
-    self.experts = ExpertBank(dims.experts, model.d_model, dims.expert_width, moe.expert_type,
-                              rngs=rngs, gmm_backend=moe.gmm_backend, dtype=dtype,
-                              param_dtype=param_dtype)
+    make_router = lambda: ROUTERS[moe.router](
+        model.d_model, dims.experts + num_null + len(kinds), dims.experts_per_token, rngs=rngs,
+        param_dtype=param_dtype, vocab_size=model.vocab_size,
+        bias_update_rate=moe.bias_update_rate, **moe.router_args)
+    self.router = make_router()
+    self.experts = ExpertBank(dims.experts, model.d_model, max(widths or (dims.expert_width,)),
+                              moe.expert_type, rngs=rngs, gmm_backend=moe.gmm_backend,
+                              dtype=dtype, param_dtype=param_dtype)
     shared_cls = SharedExperts if moe.get("shared_expert_gate", False) else MLP
     self.shared = (shared_cls(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
                               dtype=dtype, param_dtype=param_dtype) if dims.shared_width else None)
+    # Variants (module docstring of each): built last, so the plain parameters above are
+    # drawn exactly as without them.
+    self.expert_widths = widths
+    self.param_penalty_weight = float(moe.get("param_penalty_weight", 0.0))
+    if widths:
+      tensor = dict(mesh.shape).get("tensor", 1) if mesh is not None else 1
+      if max(widths) % tensor:
+        raise ConfigError("model.moe.expert_widths", widths,
+                          f"a widest width divisible by mesh.tensor={tensor} (the bank's width "
+                          "is split over it)")
+      heterogeneous.init_widths(self.experts, widths)
+    self.zero_compute_lb_weight = float(moe.get("zero_compute_lb_weight", 1.0))
+    self.zero_experts = (ZeroComputeExperts(model.d_model, dims.experts, num_null, kinds,
+                                            rngs=rngs, param_dtype=param_dtype)
+                         if num_null or kinds else None)
+    chain = int(moe.get("chain_iterations", 1))
+    self.chain_routers = (nnx.List([make_router() for _ in range(chain - 1)]) if chain > 1
+                          else None)
+    if moe.get("gating_residual", False):
+      for router in self.routers():
+        router.enable_gating_residual(rngs=rngs, param_dtype=param_dtype)
+
+  @classmethod
+  def check_config(cls, model: ml_collections.ConfigDict) -> None:
+    """Refuses bad values of the variant fields (module docstring) before anything is built."""
+    moe = model.moe
+    dims = moe_dims(model)
+    router = ROUTERS[moe.router]
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    num_null = moe.get("null_experts", 0)
+    if not (is_int(num_null) and num_null >= 0):
+      raise ConfigError("model.moe.null_experts", num_null, "an integer >= 0")
+    kinds = moe.get("extra_experts", ()) or ()
+    if not isinstance(kinds, (tuple, list)):
+      raise ConfigError("model.moe.extra_experts", kinds,
+                        f"a tuple of names from {sorted(ZERO_COMPUTE_EXPERTS)}")
+    for kind in kinds:
+      if kind not in ZERO_COMPUTE_EXPERTS:
+        raise ConfigError("model.moe.extra_experts", tuple(kinds),
+                          f"a tuple of names from {sorted(ZERO_COMPUTE_EXPERTS)}")
+    if (num_null or kinds) and router.per_slot_outputs:
+      raise ConfigError("model.moe.null_experts / extra_experts", (num_null, tuple(kinds)),
+                        f"none with router {moe.router!r}, which dispatches each slot apart")
+    tau = moe.get("zero_compute_lb_weight", 1.0)
+    if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau >= 0):
+      raise ConfigError("model.moe.zero_compute_lb_weight", tau, "a number >= 0")
+    residual = moe.get("gating_residual", False)
+    if not isinstance(residual, bool):
+      raise ConfigError("model.moe.gating_residual", residual, "True or False")
+    if residual and router.carry_logits is not Router.carry_logits:
+      raise ConfigError("model.moe.gating_residual", residual,
+                        f"False with router {moe.router!r}, which carries its own routing state")
+    chain = moe.get("chain_iterations", 1)
+    if not (is_int(chain) and chain >= 1):
+      raise ConfigError("model.moe.chain_iterations", chain, "an integer >= 1 (1: plain layer)")
+    heterogeneous.check_widths(model, dims.experts)
+
+  def link(self, moe_layers: list, index: int) -> None:
+    """Routers that share parameters over depth (rmoe's GRU cell, arXiv:2408.06793) get the
+    model's routers in depth order (`Router.link`); nothing for the others."""
+    link = getattr(self.router, "link", None)
+    if link is not None:
+      link([getattr(layer, "router", None) for layer in moe_layers], index)
+
+  def routers(self) -> list:
+    """The layer's routers: its own, then one per further Chain-of-Experts iteration."""
+    return [self.router, *(self.chain_routers or ())]
 
   def expert_weights(self) -> dict:
-    """The weights dispatch multiplies with, {name: [E, D, F] / [E, F, D]}: this layer's bank."""
-    return self.experts.weights()
+    """The weights dispatch multiplies with, {name: [E, D, F] / [E, F, D]}: this layer's bank
+    (with heterogeneous widths, each expert's units past its width zeroed)."""
+    w = self.experts.weights()
+    return heterogeneous.mask_weights(w, self.expert_widths) if self.expert_widths else w
+
+  def update_state(self, metrics: dict) -> None:
+    """After an optimizer step: each router moves its `RouterState` (with Chain-of-Experts
+    iterations, router t from its own iteration's `load_iter<t>`)."""
+    if self.chain_routers is None:
+      return super().update_state(metrics)
+    for t, router in enumerate(self.routers()):
+      router.update_state({**metrics, "load": metrics[f"load_iter{t}"]})
 
   def route(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool = False,
             rng: jax.Array | None = None, token_ids: jax.Array | None = None,
-            num_sequences: int = 1, carry: dict | None = None) -> Routing:
+            num_sequences: int = 1, carry: dict | None = None, router=None) -> Routing:
     """x: [T, D], token_mask: [T] bool (False: padding), token_ids: [T] int, carry: the
     previous MoE layer's routing state -> the router's decision. `num_sequences`: B, the rows
-    the T tokens come from (for `lb_loss_scope` = sequence)."""
+    the T tokens come from (for `lb_loss_scope` = sequence). `router`: one of `routers()`
+    (default: the layer's own)."""
     groups = balance_groups(self.lb_loss_scope, self.plan.num_batch_shards, num_sequences)
-    return self.router(x, token_mask, train=train, rng=rng, balance_groups=groups,
-                       token_ids=token_ids, carry=carry)
+    router = self.router if router is None else router
+    return router(x, token_mask, train=train, rng=rng, balance_groups=groups,
+                  token_ids=token_ids, carry=carry)
 
   def forward(self, x: jax.Array, segment_ids: jax.Array | None = None, *, train: bool = False,
               rng: jax.Array | None = None, token_ids: jax.Array | None = None,
@@ -111,37 +209,86 @@ class MoELayer(MoEFFN):
     ids, for routers that read them), carry: the previous MoE layer's routing state -> (y [B,
     S, D], weighted aux loss (scalar), metrics {name: array}, this layer's routing state).
 
-    Metrics: `load` [E], `dropped_frac`, `experts_per_token` (experts that computed each routed
-    token, after drops), `router_entropy`, `max_vio`, `lb_loss`, `z_loss` and the router's own.
+    Metrics: `load` [E'] (over all E' router outputs: E real experts, then the null and extra
+    experts when there are some), `dropped_frac`, `experts_per_token` (real
+    experts that computed each routed token, after drops), `router_entropy`, `max_vio`,
+    `lb_loss`, `z_loss` and the router's own; with zero-computation experts
+    `zero_compute_frac` (routed copies that went to them); with expert widths
+    `active_width` (hidden units computed per routed token) and `param_penalty`; with
+    Chain-of-Experts `load_iter<t>` (`moejax.moe.chain`).
     """
     b, s, d = x.shape
     xt = x.reshape(b * s, d)
     mask = None if segment_ids is None else segment_ids.reshape(b * s) > 0
     ids = None if token_ids is None else token_ids.reshape(b * s)
-    routing = self.route(xt, mask, train=train, rng=rng, token_ids=ids, num_sequences=b,
-                         carry=carry)
-    losses = dict(routing.aux_losses)
-    if train and self.router.per_slot_outputs:
-      y, dispatch_metrics, losses["slot_loss"] = self._per_slot(xt, routing)
+
+    def step(h, router, key, state):
+      return self._routed(h, mask, router=router, train=train, rng=key, token_ids=ids,
+                          num_sequences=b, carry=state)
+
+    if self.chain_routers is None:
+      y, aux_loss, metrics, carry = step(xt, self.router, rng, carry)
     else:
-      y, dispatch_metrics = dispatch(xt, routing.expert_index, routing.combine_weights,
-                                     self.expert_weights(), ffn=self.experts.ffn, plan=self.plan)
+      y, aux_loss, metrics, carry = run_chain(step, xt, self.routers(), rng=rng, carry=carry)
+    return y.reshape(b, s, d).astype(x.dtype), aux_loss, metrics, carry
+
+  def _routed(self, xt: jax.Array, mask: jax.Array | None, *, router, train: bool,
+              rng: jax.Array | None, token_ids: jax.Array | None, num_sequences: int,
+              carry: dict | None) -> tuple[jax.Array, jax.Array, dict, dict]:
+    """One routed pass: route -> resolve zero-computation slots -> dispatch (+ shared) on xt
+    [T, D] -> (y [T, D], weighted aux loss, metrics, routing state)."""
+    routing = self.route(xt, mask, train=train, rng=rng, token_ids=token_ids,
+                         num_sequences=num_sequences, carry=carry, router=router)
+    losses = dict(routing.aux_losses)
+    expert_index, combine_weights, y_zero, extra = (routing.expert_index,
+                                                    routing.combine_weights, None, {})
+    groups = balance_groups(self.lb_loss_scope, self.plan.num_batch_shards, num_sequences)
+    if self.zero_experts is not None:
+      expert_index, combine_weights, y_zero, zero_copies = self.zero_experts.resolve(
+          xt, routing.expert_index, routing.combine_weights)
+      extra["zero_compute_frac"] = zero_copies / jnp.maximum(
+          zero_copies + jnp.sum(expert_index < self.plan.num_experts), 1.0)
+      if self.zero_compute_lb_weight != 1.0:
+        losses["lb_loss"] = zero_compute_lb_loss(
+            routing.router_probs, routing.expert_index, routing.token_mask, groups,
+            self.zero_experts.eta(self.zero_compute_lb_weight))
+    if train and router.per_slot_outputs:
+      y, dispatch_metrics, losses["slot_loss"] = self._per_slot(xt, routing, router)
+    else:
+      y, dispatch_metrics = dispatch(xt, expert_index, combine_weights, self.expert_weights(),
+                                     ffn=self.experts.ffn, plan=self.plan)
+    if y_zero is not None:
+      y = y + y_zero.astype(y.dtype)
     if self.shared is not None:
       y = y + self.shared(xt)
+    if self.expert_widths:
+      losses["param_penalty"] = param_penalty_loss(routing.router_probs, routing.expert_index,
+                                                   routing.token_mask, groups,
+                                                   self.expert_widths)
     # lb and z losses are weighted here; the router's own losses come weighted.
     aux_loss = (self.lb_loss_weight * losses["lb_loss"] + self.z_loss_weight * losses["z_loss"]
                 + losses.get("router_loss", 0.0) + losses.get("slot_loss", 0.0))
-    copies = jnp.sum(routing.group_sizes).astype(jnp.float32)
+    if self.param_penalty_weight:
+      aux_loss = aux_loss + self.param_penalty_weight * losses["param_penalty"]
+    if self.zero_experts is None:
+      copies = jnp.sum(routing.group_sizes).astype(jnp.float32)
+    else:
+      copies = jnp.sum(expert_index < self.plan.num_experts).astype(jnp.float32)
     tokens = jnp.maximum(jnp.sum(routing.token_mask.astype(jnp.float32)), 1.0)
-    metrics = {**routing.metrics, **dispatch_metrics, **losses,
-               "experts_per_token": copies * (1.0 - dispatch_metrics["dropped_frac"]) / tokens}
-    return y.reshape(b, s, d).astype(x.dtype), aux_loss, metrics, routing.carry
+    kept = 1.0 - dispatch_metrics["dropped_frac"]
+    if self.expert_widths:
+      width = jnp.asarray(self.expert_widths + (0,), jnp.float32)[expert_index]   # [T, K]
+      extra["active_width"] = jnp.sum(width) * kept / tokens
+    metrics = {**routing.metrics, **dispatch_metrics, **losses, **extra,
+               "experts_per_token": copies * kept / tokens}
+    return y, aux_loss, metrics, routing.carry
 
-
-  def _per_slot(self, xt: jax.Array, routing: Routing):
+  def _per_slot(self, xt: jax.Array, routing: Routing, router=None):
     """Each of the K slots dispatched on its own, for routers that regularise the experts'
     outputs against each other (THOR): xt [T, D] -> (y [T, D], dispatch metrics, the router's
-    `slot_loss`). Same FLOPs as one dispatch of K slots."""
+    `slot_loss`). Same FLOPs as one dispatch of K slots. `router`: the one that routed
+    (default: the layer's own)."""
+    router = self.router if router is None else router
     k = routing.expert_index.shape[1]
     ones = jnp.ones_like(routing.combine_weights[:, :1])
     outs = [dispatch(xt, routing.expert_index[:, j:j + 1], ones, self.expert_weights(),
@@ -149,7 +296,7 @@ class MoELayer(MoEFFN):
     y_slots = jnp.stack([o[0] for o in outs])                                   # [K, T, D]
     y = jnp.einsum("ktd,tk->td", y_slots, routing.combine_weights.astype(y_slots.dtype))
     dropped = sum(o[1]["dropped_frac"] for o in outs) / k
-    return y, {"dropped_frac": dropped}, self.router.slot_loss(y_slots, routing.token_mask)
+    return y, {"dropped_frac": dropped}, router.slot_loss(y_slots, routing.token_mask)
 
 
 LB_LOSS_SCOPES = ("micro_batch", "global_batch", "sequence")

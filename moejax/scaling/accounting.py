@@ -59,7 +59,11 @@ def _model(config) -> ml_collections.ConfigDict:
 # attention variants, the gated shared expert, routers without the linear gate [D, E]): a config
 # that sets one is refused rather than miscounted. (field, value the formulas assume)
 _COUNTED_AS = (("qkv_bias", False), ("qk_norm", ""), ("attention", "mha"),
-               ("dense_d_ff", 0), ("moe.shared_expert_gate", False))
+               ("dense_d_ff", 0), ("moe.shared_expert_gate", False),
+               # The expert variants (moejax.moe.variants and the sparse layer's options).
+               ("moe.layer", "sparse"), ("moe.null_experts", 0), ("moe.extra_experts", ()),
+               ("moe.gating_residual", False), ("moe.chain_iterations", 1),
+               ("moe.expert_widths", ()))
 _LINEAR_GATE_ROUTERS = ("topk", "sigmoid", "switch", "deepseek", "expert_choice", "base",
                         "top_p", "relu")
 
@@ -69,9 +73,13 @@ def _check_counted(m) -> None:
     node = m
     for part in field.split("."):
       node = node.get(part, assumed) if hasattr(node, "get") else assumed
-    if node != assumed:
+    if (tuple(node) if isinstance(node, list) else node) != assumed:
       raise ConfigError(f"model.{field}", node, f"{assumed!r}: moejax.scaling.accounting counts "
                         "the plain model only")
+  capacity = m.get("mod_capacity", 0.0) if hasattr(m, "get") else 0.0
+  if 0 < capacity < 1:
+    raise ConfigError("model.mod_capacity", capacity, "0 or 1 (no Mixture-of-Depths): "
+                      "moejax.scaling.accounting counts the plain model only")
   if m.moe.router not in _LINEAR_GATE_ROUTERS:
     raise ConfigError("model.moe.router", m.moe.router,
                       f"one of {_LINEAR_GATE_ROUTERS} (a linear gate [D, E], what "

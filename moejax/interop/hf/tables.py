@@ -238,7 +238,11 @@ _EXPORT_DEFAULTS = {"tie_embeddings": True, "moe.expert_type": "swiglu", "moe.gr
                     "qkv_bias": False, "qk_norm": "", "attention": "mha",
                     "moe.num_shared_experts": 0, "moe.shared_expert_gate": False,
                     "first_dense_layers": 0, "dense_layers": (), "dense_d_ff": 0,
-                    "moe.bias_update_rate": 0.0}
+                    "moe.bias_update_rate": 0.0,
+                    # The expert variants (moejax.moe.variants): no released family has them.
+                    "moe.layer": "sparse", "moe.null_experts": 0, "moe.extra_experts": (),
+                    "moe.gating_residual": False, "moe.chain_iterations": 1,
+                    "moe.expert_widths": (), "mod_capacity": 0.0}
 
 
 def _field(m, dotted: str):
@@ -254,9 +258,12 @@ def check_exportable(m, family: str, allowed: dict) -> None:
   """Raises ConfigError naming the first `model.<field>` whose value `family` cannot express.
 
   `allowed`: {dotted field under model: tuple of allowed values}; tie_embeddings False, SwiGLU
-  experts and granularity 1 are always required.
+  experts, granularity 1 and the plain sparse layer (no expert variant) are always required.
   """
-  base = {"tie_embeddings": (False,), "moe.expert_type": ("swiglu",), "moe.granularity": (1,)}
+  base = {"tie_embeddings": (False,), "moe.expert_type": ("swiglu",), "moe.granularity": (1,),
+          "moe.layer": ("sparse",), "moe.null_experts": (0,), "moe.extra_experts": ((),),
+          "moe.gating_residual": (False,), "moe.chain_iterations": (1,),
+          "moe.expert_widths": ((),), "mod_capacity": (0, 0.0, 1, 1.0)}
   for f, ok in {**base, **allowed}.items():
     value = _field(m, f)
     if value not in ok:

@@ -14,6 +14,7 @@ from moejax.moe.routing import deepseek  # noqa: F401  (registers deepseek)
 from moejax.moe.routing import fixed  # noqa: F401  (registers hash, random)
 from moejax.moe.routing import relu  # noqa: F401  (registers relu: ReMoE)
 from moejax.moe.routing import thor  # noqa: F401  (registers thor)
+from moejax.moe.routing import rmoe  # noqa: F401  (registers rmoe: layerwise recurrent router)
 from moejax.moe.routing.catalog import describe
 
 __all__ = ["ROUTERS", "Router", "RouterState", "Routing", "describe", "top_k_lowest_index"]

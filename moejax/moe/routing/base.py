@@ -84,6 +84,29 @@ def top_k_lowest_index(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]
 _PADDING_LOGIT = -30.0   # far below router logits, yet sigmoid(-30) > 0 so no 0/0
 
 
+def gating_residual(logits: jax.Array, previous: jax.Array, residual_map: jax.Array) -> jax.Array:
+  """MoE++'s gating residual ("MoE++: Accelerating Mixture-of-Experts Methods with
+  Zero-Computation Experts", Jin et al. 2024, arXiv:2410.07348): layer j's router
+  logits are its own plus the previous MoE layer's (residual included, so the sum recurs over
+  depth) through a learned map, G^j(x^j) = x^j W^j + G^(j-1) W_g^j. At the first MoE layer there
+  is no previous and no residual (the caller passes none).
+
+  A previous layer with a different number of router outputs cannot be mapped: every MoE layer
+  of a model shares `model.moe`, so this is an error, raised when the model is traced.
+
+  Args:
+    logits: [T, E] float32, x W of this layer; previous: [T, E'] the previous layer's logits;
+    residual_map: W_g [E, E].
+  Returns:
+    [T, E] float32.
+  """
+  if previous.shape != logits.shape:
+    raise ValueError(f"gating residual: the previous MoE layer's router logits {previous.shape} "
+                     f"do not match this layer's {logits.shape} (model.moe.gating_residual needs "
+                     "the same router outputs in every MoE layer)")
+  return logits + jnp.dot(previous.astype(jnp.float32), residual_map.astype(jnp.float32))
+
+
 class RouterState(nnx.Variable):
   """Router state that the optimizer never touches: the trainer zeroes its gradient and the
   router updates it after each step (`Router.update_state`), e.g. the selection bias of
@@ -121,6 +144,8 @@ class Router(nnx.Module):
   dispatch_modes: tuple[str, ...] = ("capacity", "dropless")
   has_gate: bool = True
   per_slot_outputs: bool = False
+  # MoE++'s gating residual W_g [E, E] (`enable_gating_residual`); None: off, no parameter.
+  residual_map = None
 
   def __init__(self, d_model: int, num_experts: int, top_k: int, *, rngs: nnx.Rngs,
                param_dtype=jnp.float32, vocab_size: int | None = None,
@@ -159,10 +184,20 @@ class Router(nnx.Module):
     """Router logits from the token and the routing state `carry` that the previous MoE layer
     handed on ({} at the first MoE layer): x [T, D], carry {name: [T, ...]} -> (logits [T, E]
     float32, the carry for the next MoE layer). By default the logits ignore the carry and are
-    handed on as `router_logits`; routers that recur over depth override this."""
-    del carry
+    handed on as `router_logits`; routers that recur over depth override this. With the
+    gating residual on (`enable_gating_residual`) the previous layer's `router_logits` are
+    added through W_g (`gating_residual`), and the sum is handed on."""
     logits = self.logits(x, train=train, rng=rng)
+    if self.residual_map is not None and "router_logits" in carry:
+      logits = gating_residual(logits, carry["router_logits"], self.residual_map[...])
     return logits, {"router_logits": logits}
+
+  def enable_gating_residual(self, *, rngs: nnx.Rngs, param_dtype=jnp.float32) -> None:
+    """Adds MoE++'s gating residual W_g [E, E] (`gating_residual`), normal with the fan-in
+    scale E^-1/2, replicated. Called by the layer after the router is built
+    (`model.moe.gating_residual`), so the router's other parameters keep their values."""
+    e = self.num_experts
+    self.residual_map = logical_param(rngs, (e, e), e ** -0.5, (None, None), param_dtype)
 
   def select(self, scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k of `scores` [T, E] plus the selection bias (if any); returns (the unbiased scores

@@ -11,3 +11,7 @@ from moejax.registry import Registry
 MOE_LAYERS = Registry("model.moe.layer", {"sparse": MoELayer})
 
 __all__ = ["MOE_LAYERS", "MoEFFN"]
+
+from moejax.moe.variants import rexmoe  # noqa: E402,F401  (registers rexmoe: ReXMoE)
+from moejax.moe.variants import aoe  # noqa: E402,F401  (registers aoe: Autonomy-of-Experts)
+from moejax.moe.variants import soft, smear, tokens, peer, multi_head  # noqa: E402,F401  (soft, smear, mot, peer, multi_head)

@@ -1,0 +1,91 @@
+"""What the soft and retrieval layers share (`soft`, `smear`, `mot`, `peer`): a masked softmax,
+the per-expert usage metrics, the shared experts and the refusal of the sparse layer's router
+and bank options, which these layers do not read (they route by themselves).
+
+The usage metrics follow `moejax.moe.balance.routing_metrics`: `load` [E] is each expert's share
+of the layer's expert usage and `max_vio` = max load / mean load - 1 (MaxVio, "Auxiliary-Loss-
+Free Load Balancing Strategy for Mixture-of-Experts", Wang et al. 2024, arXiv:2408.15664).
+What "usage" is depends on the layer and is said in its docstring.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from moejax.errors import ConfigError
+from moejax.moe.dims import moe_dims
+from moejax.moe.experts import MLP, SharedExperts
+
+# Far below any logit yet finite, so a fully masked softmax gives zeros, never 0/0 or inf - inf.
+_MASKED = -1e30
+
+
+def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+  """softmax over `axis` of the entries where `mask` (broadcast to `logits`) is True; masked
+  entries get 0, and a slice with no entry left is all zeros. Float32."""
+  mask = jnp.broadcast_to(mask, logits.shape)
+  logits = jnp.where(mask, logits.astype(jnp.float32), _MASKED)
+  e = jnp.exp(logits - jnp.max(logits, axis=axis, keepdims=True)) * mask
+  total = jnp.sum(e, axis=axis, keepdims=True)
+  return e / jnp.where(total > 0, total, 1.0)
+
+
+def entropy(p: jax.Array, axis: int = -1) -> jax.Array:
+  """Entropy in nats of distributions `p` along `axis` (0 log 0 = 0)."""
+  p = p.astype(jnp.float32)
+  return -jnp.sum(p * jnp.log(jnp.where(p > 0, p, 1.0)), axis=axis)
+
+
+def usage_metrics(usage: jax.Array) -> dict:
+  """usage: [E] >= 0, how much each expert was used -> {`load` [E] (shares, summing to 1),
+  `max_vio`}; no usage at all gives zero loads and no violation."""
+  usage = usage.astype(jnp.float32)
+  total = jnp.sum(usage)
+  load = usage / jnp.where(total > 0, total, 1.0)
+  max_vio = jnp.where(total > 0, jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-30) - 1.0, 0.0)
+  return {"load": load, "max_vio": max_vio}
+
+
+def shared_experts(model: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  """The always-on shared experts of `model.moe.num_shared_experts` (as `MoELayer` builds them:
+  DeepSeekMoE, arXiv:2401.06066; gated as Qwen2-MoE with `shared_expert_gate`), or None."""
+  moe, dims = model.moe, moe_dims(model)
+  if not dims.shared_width:
+    return None
+  cls = SharedExperts if moe.get("shared_expert_gate", False) else MLP
+  return cls(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
+             dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
+
+
+# Options of the sparse layer (`moejax.moe.layer.MoELayer`) around its router and bank, with
+# their defaults: a layer that routes by itself and builds its own experts takes none of them.
+_SPARSE_LAYER_OPTIONS = {"router": "topk", "router_args": {}, "dispatch": "dropless",
+                         "bias_update_rate": 0.0, "null_experts": 0, "extra_experts": (),
+                         "chain_iterations": 1, "gating_residual": False, "expert_widths": ()}
+
+
+def refuse_router_options(model: ml_collections.ConfigDict, layer: str) -> None:
+  """Raises ConfigError for the first `model.moe` option of the sparse layer's router and bank
+  (another router, router arguments, loss-free balancing, capacity dispatch, null or extra
+  experts, chains, gating residuals, expert widths) set away from its default: a layer that
+  routes by itself would silently ignore it. A missing or empty field is the default."""
+  for field, default in _SPARSE_LAYER_OPTIONS.items():
+    value = model.moe.get(field, default)
+    if hasattr(value, "to_dict"):
+      value = value.to_dict()
+    if (value or default) != default:
+      raise ConfigError(f"model.moe.{field}", value,
+                        f"{default!r} (the default) with model.moe.layer={layer!r}, which "
+                        "routes by itself")
+
+
+def check_int(model: ml_collections.ConfigDict, field: str, default: int, low: int,
+              layer: str) -> int:
+  """`model.moe.<field>` (default `default`) as an int >= `low`, else ConfigError."""
+  value = model.moe.get(field, default)
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ConfigError(f"model.moe.{field}", value,
+                      f"an integer >= {low} (model.moe.layer={layer!r})")
+  return value
