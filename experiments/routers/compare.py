@@ -570,14 +570,18 @@ def write_report(results_path: str, out_dir: str, runs_dir: str) -> list[str]:
   return paths + ([heatmap] if heatmap else [])
 
 
-def main(argv: Iterable[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--budget", default="default", choices=sorted(BUDGETS))
+def cli(argv: Iterable[str] | None, *, description: str, variants: Sequence[Variant],
+        budgets: dict, report: Callable, findings_of: Callable, here: str) -> int:
+  """The command line of a comparison (this one and experiments/variants/compare.py): train
+  the variants not yet in `here/results.csv`, then `report(results_path, results_dir,
+  runs_dir)` and print `findings_of(rows)`."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--budget", default="default", choices=sorted(budgets))
   p.add_argument("--seeds", default="0", help="comma-separated model seeds")
   p.add_argument("--only", default=None,
                  help="train only variants whose name contains one of these (comma-separated)")
-  p.add_argument("--results_dir", default=HERE, help="results.csv, results.md, plots/")
-  p.add_argument("--runs_dir", default=os.path.join(HERE, "runs"),
+  p.add_argument("--results_dir", default=here, help="results.csv, results.md, plots/")
+  p.add_argument("--runs_dir", default=os.path.join(here, "runs"),
                  help="one workdir per run (not committed)")
   p.add_argument("--report_only", action="store_true", help="skip training; write the report")
   args = p.parse_args(argv)
@@ -585,16 +589,21 @@ def main(argv: Iterable[str] | None = None) -> int:
   results_path = os.path.join(args.results_dir, "results.csv")
   if not args.report_only:
     tic = time.perf_counter()
-    run_all(results_path, args.runs_dir, budget=BUDGETS[args.budget], seeds=seeds,
-            only=args.only)
+    run_all(results_path, args.runs_dir, budget=budgets[args.budget], seeds=seeds,
+            variants=variants, only=args.only)
     print(f"wall time this invocation: {time.perf_counter() - tic:.0f} s")
   if not os.path.exists(results_path):
     print(f"no results in {results_path}")
     return 1
-  for path in write_report(results_path, args.results_dir, args.runs_dir):
+  for path in report(results_path, args.results_dir, args.runs_dir):
     print(path)
-  print("\n".join(findings(read_results(results_path))))
+  print("\n".join(findings_of(read_results(results_path))))
   return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+  return cli(argv, description=__doc__.split("\n")[0], variants=VARIANTS, budgets=BUDGETS,
+             report=write_report, findings_of=findings, here=HERE)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,9 @@ Resumable: runs in `runs/<variant>_s<seed>` (not committed), one row of `results
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
-import time
 from typing import Iterable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,30 +158,8 @@ def write_report(results_path: str, out_dir: str, runs_dir: str) -> list[str]:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--budget", default="default", choices=sorted(BUDGETS))
-  p.add_argument("--seeds", default="0", help="comma-separated model seeds")
-  p.add_argument("--only", default=None,
-                 help="train only variants whose name contains one of these (comma-separated)")
-  p.add_argument("--results_dir", default=HERE, help="results.csv, results.md, plots/")
-  p.add_argument("--runs_dir", default=os.path.join(HERE, "runs"),
-                 help="one workdir per run (not committed)")
-  p.add_argument("--report_only", action="store_true", help="skip training; write the report")
-  args = p.parse_args(argv)
-  seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  results_path = os.path.join(args.results_dir, "results.csv")
-  if not args.report_only:
-    tic = time.perf_counter()
-    rc.run_all(results_path, args.runs_dir, budget=BUDGETS[args.budget], seeds=seeds,
-               variants=VARIANTS, only=args.only)
-    print(f"wall time this invocation: {time.perf_counter() - tic:.0f} s")
-  if not os.path.exists(results_path):
-    print(f"no results in {results_path}")
-    return 1
-  for path in write_report(results_path, args.results_dir, args.runs_dir):
-    print(path)
-  print("\n".join(findings(rc.read_results(results_path))))
-  return 0
+  return rc.cli(argv, description=__doc__.split("\n")[0], variants=VARIANTS, budgets=BUDGETS,
+                report=write_report, findings_of=findings, here=HERE)
 
 
 if __name__ == "__main__":

@@ -162,8 +162,11 @@ def layer_domain_counts(model, batches: list[dict], num_domains: int) -> dict[st
   all `batches` pooled (each a host batch with `domain` [B]), layers in order."""
   counts: dict[str, np.ndarray] = {}
   for batch in batches:
-    dom = token_domains(batch)
+    domain = np.asarray(batch["domain"])                                   # [B]
     for name, routing in routing_trace(model, batch).items():
+      # A layer sees B rows of T_l / B tokens each: S, or the k tokens a Mixture-of-Depths
+      # block chose of each row (moejax.moe.depth, gathered row by row); a row is one domain.
+      dom = np.repeat(domain, routing.expert_index.shape[0] // len(domain))
       c = expert_domain_counts(routing.expert_index, dom, routing.num_experts, num_domains)
       counts[name] = counts.get(name, 0) + c
   return dict(sorted(counts.items(), key=lambda kv: int(kv[0].split("_")[1])))

@@ -1,5 +1,5 @@
 """What the soft and retrieval layers share (`soft`, `smear`, `mot`, `peer`): a masked softmax,
-the per-expert usage metrics, the shared experts and the refusal of the sparse layer's router
+the per-expert usage metrics, the expert bank, the shared experts and the refusal of the sparse layer's router
 and bank options, which these layers do not read (they route by themselves).
 
 The usage metrics follow `moejax.moe.balance.routing_metrics`: `load` [E] is each expert's share
@@ -16,7 +16,7 @@ from flax import nnx
 
 from moejax.errors import ConfigError
 from moejax.moe.dims import moe_dims
-from moejax.moe.experts import MLP, SharedExperts
+from moejax.moe.experts import MLP, ExpertBank, SharedExperts
 
 # Far below any logit yet finite, so a fully masked softmax gives zeros, never 0/0 or inf - inf.
 _MASKED = -1e30
@@ -46,6 +46,15 @@ def usage_metrics(usage: jax.Array) -> dict:
   load = usage / jnp.where(total > 0, total, 1.0)
   max_vio = jnp.where(total > 0, jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-30) - 1.0, 0.0)
   return {"load": load, "max_vio": max_vio}
+
+
+def expert_bank(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ExpertBank:
+  """The E experts of `model` (granularity applied, `moe_dims`) as one bank with a leading
+  expert axis, as `MoELayer` builds it."""
+  moe, dims = model.moe, moe_dims(model)
+  return ExpertBank(dims.experts, model.d_model, dims.expert_width, moe.expert_type, rngs=rngs,
+                    gmm_backend=moe.gmm_backend, dtype=jnp.dtype(model.dtype),
+                    param_dtype=jnp.dtype(model.param_dtype))
 
 
 def shared_experts(model: ml_collections.ConfigDict, rngs: nnx.Rngs):

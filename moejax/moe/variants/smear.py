@@ -26,11 +26,11 @@ from jax.sharding import Mesh
 
 from moejax.errors import ConfigError
 from moejax.moe.dims import moe_dims
-from moejax.moe.experts import FFN_FORMS, ExpertBank
+from moejax.moe.experts import FFN_FORMS
 from moejax.moe.layer import MoEFFN
 from moejax.moe.variants import MOE_LAYERS
-from moejax.moe.variants.mixing import (entropy, refuse_router_options, shared_experts,
-                                        usage_metrics)
+from moejax.moe.variants.mixing import (entropy, expert_bank, refuse_router_options,
+                                        shared_experts, usage_metrics)
 from moejax.params import logical_param
 
 SMEAR_ROUTINGS = ("prefix", "sequence")
@@ -113,9 +113,7 @@ class SMEAR(MoEFFN):
     self.routing = moe.get("smear_routing", "prefix")
     self.causal = self.routing == "prefix"
     self.gate = logical_param(rngs, (d, dims.experts), d ** -0.5, ("embed", "expert"), pd)
-    self.experts = ExpertBank(dims.experts, d, dims.expert_width, moe.expert_type, rngs=rngs,
-                              gmm_backend=moe.gmm_backend, dtype=jnp.dtype(model.dtype),
-                              param_dtype=pd)
+    self.experts = expert_bank(model, rngs)
     self.shared = shared_experts(model, rngs)
 
   def forward(self, x, segment_ids=None, *, train=False, rng=None, token_ids=None, carry=None):

@@ -20,10 +20,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moejax.moe.dims import moe_dims
-from moejax.moe.experts import ExpertBank, ExpertFFN
+from moejax.moe.experts import ExpertFFN
 from moejax.moe.layer import MoEFFN
 from moejax.moe.variants import MOE_LAYERS
-from moejax.moe.variants.mixing import (check_int, entropy, masked_softmax,
+from moejax.moe.variants.mixing import (check_int, entropy, expert_bank, masked_softmax,
                                         refuse_router_options, shared_experts, usage_metrics)
 from moejax.params import logical_param
 
@@ -92,9 +92,7 @@ class MixtureOfTokens(MoEFFN):
     d, pd = model.d_model, jnp.dtype(model.param_dtype)
     self.group_size = moe.get("mot_group_size", 4)
     self.gate = logical_param(rngs, (d, dims.experts), d ** -0.5, ("embed", "expert"), pd)
-    self.experts = ExpertBank(dims.experts, d, dims.expert_width, moe.expert_type, rngs=rngs,
-                              gmm_backend=moe.gmm_backend, dtype=jnp.dtype(model.dtype),
-                              param_dtype=pd)
+    self.experts = expert_bank(model, rngs)
     self.shared = shared_experts(model, rngs)
 
   def forward(self, x, segment_ids=None, *, train=False, rng=None, token_ids=None, carry=None):
