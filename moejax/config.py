@@ -203,6 +203,9 @@ def _validate_mod(m: ml_collections.ConfigDict) -> None:
     _check(every <= m.num_layers, "model.mod_every", every,
            f"at most model.num_layers={m.num_layers} with model.mod_capacity={c} (so that a "
            "block routes)")
+    _check(m.moe.get("layer", "sparse") != "multi_head", "model.moe.layer", "multi_head",
+           f"another layer with model.mod_capacity={c} (MH-MoE's routing state has a row per "
+           "sub-token, which a routed block does not gather)")
     _check(m.moe.dispatch == "dropless", "model.moe.dispatch", m.moe.dispatch,
            f"'dropless' with model.mod_capacity={c} (capacity dispatch's routing groups would "
            "have to divide the tokens a routed block keeps)")
@@ -275,6 +278,12 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _nonneg_int(config, "data.worker_count")
   if "pack" in d:
     _check(isinstance(d.pack, bool), "data.pack", d.pack, "True or False")
+  if moe.get("layer", "sparse") == "mot":
+    # Mixture of Tokens mixes the same position of several rows: causal only when the rows are
+    # independent sequences. The text and Grain sources continue a document in the next row.
+    _check(source_name(config.data.source) == "synthetic", "data.source", config.data.source,
+           "'synthetic' with model.moe.layer='mot' (rows of the other sources continue one "
+           "another's documents, so mixing them would leak later tokens into earlier ones)")
   _validate_mesh(config, resolve_mesh(config.mesh, num_devices, moe_dims(m).experts))
 
 

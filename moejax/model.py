@@ -16,7 +16,9 @@ from jax.sharding import Mesh
 
 from moejax.moe import MLP, depth, is_moe_layer
 from moejax.moe.variants import MOE_LAYERS
-from moejax.params import logical_param, ones_param, zeros_param
+from moejax.params import logical_param, ones_param, side_rngs, zeros_param
+
+_MOD_SALT = 0xD0D   # the Mixture-of-Depths routers' side stream
 
 
 @flax.struct.dataclass
@@ -215,10 +217,11 @@ class Block(nnx.Module):
     self.ffn = (MOE_LAYERS[m.moe.get("layer", "sparse")](m, rngs=rngs, mesh=mesh) if moe else
                 MLP(m.d_model, m.get("dense_d_ff", 0) or m.d_ff, m.moe.expert_type, rngs=rngs,
                     dtype=jnp.dtype(m.dtype), param_dtype=pd))
-    # Mixture-of-Depths router, drawn last: a plain block draws exactly what it drew before.
-    # A vector, so it takes no weight decay (moejax.train.make_optimizer).
-    self.mod_router = (logical_param(rngs, (m.d_model,), m.d_model ** -0.5, ("embed",), pd)
-                       if mod else None)
+    # Mixture-of-Depths router, from a side stream (moejax.params.side_rngs): every plain
+    # weight of the model is drawn exactly as without it. A vector, so it takes no weight
+    # decay (moejax.train.make_optimizer).
+    self.mod_router = (logical_param(side_rngs(rngs, _MOD_SALT), (m.d_model,),
+                                     m.d_model ** -0.5, ("embed",), pd) if mod else None)
     self.mod_capacity = depth.mod_capacity(m) if mod else 0.0
     self.mod_aux_loss_weight = float(m.get("mod_aux_loss_weight", 0.01))
 
@@ -243,7 +246,9 @@ class Block(nnx.Module):
     """The Mixture-of-Depths block (arguments and results as `__call__`). The block's MoE layer
     (if any) sees the B*k chosen tokens, and the routing state of those rows (`depth.gather_carry`,
     `depth.scatter_carry`). Metrics add `mod_loss` (the unweighted sec. 3.5 predictor loss) and
-    `mod_causal_agreement`; the aux loss adds `model.mod_aux_loss_weight` * `mod_loss`."""
+    `mod_causal_agreement`; the aux loss adds `model.mod_aux_loss_weight` * `mod_loss`; the MoE
+    layer's `experts_per_token` is over all the rows' tokens (the chosen ones' copies / every
+    real token), the expert compute the block spent per token."""
     b, s, _ = x.shape
     k = depth.mod_tokens(self.mod_capacity, s)
     scores = depth.router_scores(x, self.mod_router[...])                        # [B, S]
@@ -267,6 +272,10 @@ class Block(nnx.Module):
     mod_loss, agreement = depth.causal_predictor_loss(scores, depth.chosen_mask(index, s), valid)
     aux_loss = aux_loss + self.mod_aux_loss_weight * mod_loss
     metrics = {**metrics, "mod_loss": mod_loss, "mod_causal_agreement": agreement}
+    if "experts_per_token" in metrics:
+      # Expert FFNs per token of the sequences, not per chosen token: the FLOPs the block spent.
+      chosen, real = jnp.sum(ss > 0), jnp.maximum(jnp.sum(valid), 1)
+      metrics["experts_per_token"] = metrics["experts_per_token"] * chosen / real
     return out, aux_loss, metrics, carry
 
 

@@ -5,6 +5,7 @@ place. `eager_sharding=False`: the model is built without a mesh; the trainer pl
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -24,3 +25,14 @@ def ones_param(shape: tuple[int, ...], names: tuple[str, ...], dtype=jnp.float32
 def zeros_param(shape: tuple[int, ...], names: tuple[str, ...], dtype=jnp.float32) -> nnx.Param:
   """A weight of zeros (a bias) with logical axis `names`."""
   return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def side_rngs(rngs: nnx.Rngs, salt: int) -> nnx.Rngs:
+  """A `params` stream of its own for optional parameters (a model variant's), derived from
+  `rngs`' params stream at its current position without advancing it: the parameters drawn
+  from `rngs` afterwards (the next blocks') are the same whether the option is on or off, so
+  runs with and without it start from the same plain weights. `salt` tells apart the side
+  streams taken at one position."""
+  stream = rngs.params
+  key = jax.random.fold_in(jax.random.fold_in(stream.key[...], stream.count[...]), salt)
+  return nnx.Rngs(params=key)

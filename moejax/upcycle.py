@@ -159,10 +159,16 @@ def _name(path: tuple) -> str:
   return ".".join(str(k) for k in path)
 
 
+# Parameters no dense model has: routers (an MoE layer's `router`, its Chain-of-Experts
+# iterations' `chain_routers`, a Mixture-of-Depths block's `mod_router`; MoE++'s gating residual
+# lives in the router) and MoE++'s constant experts (`zero_experts`).
+_FRESH = ("router", "chain_routers", "mod_router", "zero_experts")
+
+
 def _is_fresh(path: tuple) -> bool:
-  """Router weights (an MoE layer's `router`, a Mixture-of-Depths block's `mod_router`) have no
-  dense counterpart: they keep the MoE config's initialisation."""
-  return "router" in path or "mod_router" in path
+  """Whether the MoE parameter at `path` has no dense counterpart and keeps the MoE config's
+  initialisation (`_FRESH`)."""
+  return any(name in path for name in _FRESH)
 
 
 def _expert_source(path: tuple) -> tuple | None:
@@ -247,7 +253,7 @@ def upcycle_params(dense: dict, moe_init: dict, *, method: str = "sparse",
     source = path if path in src else _expert_source(path)
     if source is None or source not in src:
       raise ValueError(f"MoE parameter {_name(path)} {tuple(like.shape)}: no dense weight to "
-                       "upcycle it from (only routers may be new)")
+                       "upcycle it from (only routers and MoE++'s experts may be new)")
     want = tuple(like.shape[1:]) if source != path else tuple(like.shape)
     if tuple(np.shape(src[source])) != want:
       raise ValueError(f"MoE parameter {_name(path)} needs {want} from the dense "

@@ -110,6 +110,9 @@ def test_skipped_bit_identical_and_chosen_match_block_on_chosen_tokens(which):
   want = xs + rs[..., None] * (np.asarray(ys, np.float64) - xs)
   np.testing.assert_allclose(take(out), want, rtol=1e-5, atol=1e-5)
   assert set(metrics) >= {"mod_loss", "mod_causal_agreement"}
+  if which == 1:   # top-2 copies of the chosen real tokens over every real token
+    np.testing.assert_allclose(metrics["experts_per_token"],
+                               2 * (chosen & (seg > 0)).sum() / (seg > 0).sum(), rtol=1e-6)
 
 
 def test_router_gradient_closed_form():
@@ -191,7 +194,8 @@ def test_plain_model_parameters_unchanged():
                                          ("model.mod_capacity", -0.1),
                                          ("model.mod_every", 0),
                                          ("model.mod_aux_loss_weight", -1.0),
-                                         ("model.moe.dispatch", "capacity")])
+                                         ("model.moe.dispatch", "capacity"),
+                                         ("model.moe.layer", "multi_head")])
 def test_config_errors_name_the_field(field, value):
   c = load_config("mod", **{field: value})
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -208,3 +212,27 @@ def test_defaults_validate_without_mod_fields():
     validate_model(c.model)
   with pytest.raises(ConfigError, match=r"model\.mod_every"):
     validate_model(load_config("mod", **{"model.num_layers": 1, "model.moe_every": 1}).model)
+
+
+@pytest.mark.parametrize("variant", [
+    {"model.mod_capacity": CAPACITY},
+    {"model.moe.chain_iterations": 2, "model.moe.gating_residual": True,
+     "model.moe.extra_experts": ("copy", "constant")}])
+def test_variants_leave_every_plain_weight_as_drawn(variant):
+  """Variant parameters come from side streams (moejax.params.side_rngs): every weight the plain
+  model has is drawn the same with the variant on, in later blocks too (seed-paired A/B runs
+  start from the same plain weights). Three blocks, MoE in 1 and 2."""
+  shape = {"model.num_layers": 3, "model.moe_every": 1, "model.first_dense_layers": 1,
+           "model.mod_capacity": 0.0}
+  def weights(**overrides):
+    m = _config(**{**shape, **overrides}).model
+    return nnx.to_flat_state(nnx.state(Transformer(m, rngs=nnx.Rngs(0)), nnx.Param))
+  plain = {p: v for p, v in weights()}
+  with_variant = {p: v for p, v in weights(**variant)}
+  assert len(with_variant) > len(plain)
+  for path, value in plain.items():
+    other = with_variant[path]
+    if value.shape != other.shape:   # extra experts widen the router's gate [D, E']
+      assert path[-1] == "gate" and value.shape[:-1] == other.shape[:-1], path
+      continue
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(other), err_msg=str(path))

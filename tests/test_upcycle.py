@@ -194,6 +194,14 @@ def test_upcycle_params_sources_and_errors():
     upcycle.upcycle_params(dense, {**moe_init, "head": np.zeros((4, 8))})
   with pytest.raises(ValueError, match=r"no place in the MoE model: \['embed'\]"):
     upcycle.upcycle_params(dense, {"blocks": moe_init["blocks"]})
+  # Chain-of-Experts routers and MoE++'s constant experts are new too: they keep their init.
+  ffn_init = moe_init["blocks"][0]["ffn"]
+  extra = {"chain_routers": {0: {"gate": np.full((4, 3), 2.0)}},
+           "zero_experts": {"constant": np.full((1, 4), 3.0)}}
+  out = upcycle.upcycle_params(dense, {**moe_init, "blocks": {0: {"ffn": {**ffn_init, **extra}}}})
+  for name, tree in extra.items():
+    np.testing.assert_array_equal(jax.tree.leaves(out["blocks"][0]["ffn"][name]),
+                                  jax.tree.leaves(tree))
   with pytest.raises(ValueError, match="--drop_rate"):
     upcycle.upcycle_params(dense, moe_init, method="sparse", drop_rate=0.5)
   with pytest.raises(ValueError, match="--method"):

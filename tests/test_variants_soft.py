@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax.config import validate_model
+from moejax.config import validate, validate_model
 from moejax.errors import ConfigError
 from moejax.model import Transformer
 from moejax.moe.variants import MOE_LAYERS
@@ -233,7 +233,7 @@ def test_smear_equals_reference(name, routing):
   y, aux, metrics, _ = _run(name, x, seg)
   np.testing.assert_allclose(y[seg > 0], _smear_reference(x, seg, _layer(name), routing)[seg > 0],
                              rtol=1e-4, atol=1e-5)
-  assert aux == 0.0 and metrics["experts_per_token"] == 1.0
+  assert aux == 0.0 and metrics["experts_per_token"] == (E if routing == "prefix" else 1.0)
   _common_metrics(metrics, E)
 
 
@@ -427,3 +427,13 @@ def test_bad_fields_are_refused_by_name(layer, field, value):
   with pytest.raises(ConfigError) as err:
     validate_model(model)
   assert err.value.field == f"model.moe.{field}"
+
+
+def test_mixture_of_tokens_needs_independent_rows(tmp_path):
+  """The text source continues a document in the next row, which mot would mix into the same
+  position: refused, naming data.source; the synthetic source validates."""
+  validate(load_config("mixture_of_tokens"))
+  (tmp_path / "a.txt").write_text("some text " * 50)
+  with pytest.raises(ConfigError, match=r"data\.source.*'text'.*mot"):
+    validate(load_config("mixture_of_tokens", **{"data.source": "text",
+                                                 "data.text_glob": str(tmp_path / "*.txt")}))

@@ -59,8 +59,10 @@ VARIANTS = (
     Variant("aoe", "topk", (("model.moe.layer", "aoe"),),
             note="Autonomy-of-Experts: no router, experts chosen by their own norms"),
     Variant("hmoe", "topk",
-            (("model.moe.expert_widths", (64, 64, 96, 96, 160, 160, 192, 192)),),
-            note="HMoE: expert widths 64-192 (same total width)"),
+            (("model.moe.expert_widths", (64, 64, 96, 96, 160, 160, 192, 192)),
+             ("model.moe.lb_loss_weight", 0.0), ("model.moe.param_penalty_weight", 0.01)),
+            note="HMoE: expert widths 64-192 (same total width), P-Penalty in place of the "
+                 "Switch loss"),
     Variant("mh_moe", "topk", (("model.moe.layer", "multi_head"), ("model.moe.mh_heads", 2)),
             note="MH-MoE: 2 sub-tokens per token"),
     Variant("peer", "topk", (("model.moe.layer", "peer"), ("model.moe.peer_experts", 64 ** 2)),

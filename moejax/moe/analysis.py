@@ -33,8 +33,11 @@ def _recording_routes(model, records: dict, logits: dict):
   earlier layers, e.g. rmoe's recurrence or MoE++'s gating residual, and with the training noise
   when traced in training mode), under the layer's metric name (`layer_<i>`, as in
   `MoEAux.layers`)."""
-  names = {id(block.ffn): f"layer_{i}" for i, block in enumerate(model.blocks)
-           if isinstance(block.ffn, MoELayer)}
+  # A block's MoE layer, or the sparse layer a variant routes its sub-tokens through (MH-MoE's
+  # `inner`).
+  layers = {i: next((f for f in (block.ffn, getattr(block.ffn, "inner", None))
+                     if isinstance(f, MoELayer)), None) for i, block in enumerate(model.blocks)}
+  names = {id(layer): f"layer_{i}" for i, layer in layers.items() if layer is not None}
   original = MoELayer.route
 
   def route(self, x, *args, **kwargs):
@@ -164,8 +167,9 @@ def layer_domain_counts(model, batches: list[dict], num_domains: int) -> dict[st
   for batch in batches:
     domain = np.asarray(batch["domain"])                                   # [B]
     for name, routing in routing_trace(model, batch).items():
-      # A layer sees B rows of T_l / B tokens each: S, or the k tokens a Mixture-of-Depths
-      # block chose of each row (moejax.moe.depth, gathered row by row); a row is one domain.
+      # A layer sees B rows of T_l / B tokens each: S, the k tokens a Mixture-of-Depths block
+      # chose of each row (moejax.moe.depth, gathered row by row), or S h sub-tokens (MH-MoE);
+      # a row is one domain.
       dom = np.repeat(domain, routing.expert_index.shape[0] // len(domain))
       c = expert_domain_counts(routing.expert_index, dom, routing.num_experts, num_domains)
       counts[name] = counts.get(name, 0) + c

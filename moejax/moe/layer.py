@@ -20,6 +20,9 @@ from moejax.moe.experts import MLP, ExpertBank, SharedExperts
 from moejax.moe.extra_experts import ZERO_COMPUTE_EXPERTS, ZeroComputeExperts, zero_compute_lb_loss
 from moejax.moe.heterogeneous import param_penalty_loss
 from moejax.moe.routing import ROUTERS, Router, Routing
+from moejax.params import side_rngs
+
+_VARIANT_SALT = 0x5EED   # MoELayer's side stream (moejax.params.side_rngs)
 
 
 class MoEFFN(nnx.Module):
@@ -97,19 +100,20 @@ class MoELayer(MoEFFN):
                                    experts_per_token=dims.experts_per_token)
     self.lb_loss_scope = moe.lb_loss_scope
     self.lb_loss_weight, self.z_loss_weight = moe.lb_loss_weight, moe.z_loss_weight
-    make_router = lambda: ROUTERS[moe.router](
-        model.d_model, dims.experts + num_null + len(kinds), dims.experts_per_token, rngs=rngs,
+    make_router = lambda r: ROUTERS[moe.router](
+        model.d_model, dims.experts + num_null + len(kinds), dims.experts_per_token, rngs=r,
         param_dtype=param_dtype, vocab_size=model.vocab_size,
         bias_update_rate=moe.bias_update_rate, **moe.router_args)
-    self.router = make_router()
+    self.router = make_router(rngs)
     self.experts = ExpertBank(dims.experts, model.d_model, max(widths or (dims.expert_width,)),
                               moe.expert_type, rngs=rngs, gmm_backend=moe.gmm_backend,
                               dtype=dtype, param_dtype=param_dtype)
     shared_cls = SharedExperts if moe.get("shared_expert_gate", False) else MLP
     self.shared = (shared_cls(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
                               dtype=dtype, param_dtype=param_dtype) if dims.shared_width else None)
-    # Variants (module docstring of each): built last, so the plain parameters above are
-    # drawn exactly as without them.
+    # Variants (module docstring of each): built last, from a side stream of their own, so the
+    # plain parameters of this layer and of every later one are drawn exactly as without them.
+    variant_rngs = side_rngs(rngs, _VARIANT_SALT)
     self.expert_widths = widths
     self.param_penalty_weight = float(moe.get("param_penalty_weight", 0.0))
     if widths:
@@ -121,14 +125,14 @@ class MoELayer(MoEFFN):
       heterogeneous.init_widths(self.experts, widths)
     self.zero_compute_lb_weight = float(moe.get("zero_compute_lb_weight", 1.0))
     self.zero_experts = (ZeroComputeExperts(model.d_model, dims.experts, num_null, kinds,
-                                            rngs=rngs, param_dtype=param_dtype)
+                                            rngs=variant_rngs, param_dtype=param_dtype)
                          if num_null or kinds else None)
     chain = int(moe.get("chain_iterations", 1))
-    self.chain_routers = (nnx.List([make_router() for _ in range(chain - 1)]) if chain > 1
-                          else None)
+    self.chain_routers = (nnx.List([make_router(variant_rngs) for _ in range(chain - 1)])
+                          if chain > 1 else None)
     if moe.get("gating_residual", False):
       for router in self.routers():
-        router.enable_gating_residual(rngs=rngs, param_dtype=param_dtype)
+        router.enable_gating_residual(rngs=variant_rngs, param_dtype=param_dtype)
 
   @classmethod
   def check_config(cls, model: ml_collections.ConfigDict) -> None:

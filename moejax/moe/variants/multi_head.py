@@ -44,8 +44,6 @@ class MultiHeadMoE(MoEFFN):
   routing carry (over B * S * h sub-tokens) are the inner layer's: `load` [E] counts sub-token
   copies and `experts_per_token` is per sub-token (K: each of width F on D/h inputs).
   """
-  causal = True              # as the inner router and dispatch are
-  batch_independent = True
 
   @classmethod
   def check_config(cls, model: ml_collections.ConfigDict) -> None:
@@ -64,6 +62,11 @@ class MultiHeadMoE(MoEFFN):
     self.head = logical_param(rngs, (d, d), d ** -0.5, ("embed", None), pd)
     self.merge = logical_param(rngs, (d, d), d ** -0.5, (None, "embed"), pd)
     self.inner = MoELayer(sub_token_config(model, self.heads), rngs=rngs, mesh=mesh)
+    # What the inner router is (moejax.moe.routing.describe); capacity dispatch drops copies
+    # by their neighbours in a routing group (README, "Routers").
+    router = type(self.inner.router)
+    self.causal = router.causal
+    self.batch_independent = router.batch_independent and model.moe.dispatch == "dropless"
 
   def update_state(self, metrics: dict) -> None:
     """The inner layer's router state moves with its metrics (which are this layer's)."""

@@ -77,6 +77,12 @@ class ReXMoELayer(MoELayer):
   Of the sparse layer's variant options it takes `gating_residual` (over the pool's logits) and
   refuses those built around one bank (`null_experts`, `extra_experts`, `chain_iterations`,
   `expert_widths`).
+
+  Left out: the paper's progressive scaling routing (the candidate pool grown during training;
+  its schedule is in the full text, which was not at hand here). Cost on an expert-parallel
+  mesh: the pool concatenates W banks each split over `expert`, which does not line up with
+  dispatch's split of the W E pool, so GSPMD moves pooled weights (and their gradients) between
+  devices each step; the numbers are right, the traffic is extra.
   """
 
   def __init__(self, model: ml_collections.ConfigDict, *, rngs: nnx.Rngs,

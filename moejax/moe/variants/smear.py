@@ -93,7 +93,8 @@ class SMEAR(MoEFFN):
   auxiliary loss (the paper uses none).
 
   Metrics: `load` [E], the mean merge weight of each expert over the routed tokens; `max_vio`;
-  `router_entropy`; `experts_per_token` = 1 (one merged expert per token); `dropped_frac` = 0.
+  `router_entropy`; `experts_per_token` = the expert FFNs computed per token (E for `prefix`, 1
+  for `sequence`: one merged expert); `dropped_frac` = 0.
   """
   causal = True              # with the default `prefix` routing; `sequence` is not causal
   batch_independent = True
@@ -141,6 +142,8 @@ class SMEAR(MoEFFN):
     tokens = jnp.maximum(jnp.sum(m), 1.0)
     metrics = {**usage_metrics(jnp.einsum("bse,bs->e", probs, m)),
                "router_entropy": jnp.sum(entropy(probs) * m) / tokens,
-               "experts_per_token": jnp.ones((), jnp.float32),
+               # Expert FFNs computed per token: E by linearity (prefix), one merged (sequence).
+               "experts_per_token": jnp.asarray(
+                   probs.shape[-1] if self.routing == "prefix" else 1, jnp.float32),
                "dropped_frac": jnp.zeros((), jnp.float32)}
     return y.astype(x.dtype), jnp.zeros((), jnp.float32), metrics, carry or {}

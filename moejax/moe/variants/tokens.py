@@ -5,8 +5,11 @@ weights.
 "Mixture of Tokens: Continuous MoE through Cross-Example Aggregation", Antoniak et al. 2023,
 arXiv:2310.15961.
 
-Causal: a group holds the tokens of one position s of n sequences, so a token's output reads no
-later position of any sequence. Batch-dependent: it reads the other sequences of its group
+Causal when the rows of a batch are independent sequences: a group holds the tokens of one
+position s of n rows, so a token's output reads no later position of any row. Rows that
+continue one another's documents (the text and Grain sources lay a stream into consecutive rows)
+would leak later tokens of the same document into earlier ones: `moejax.config.validate` allows
+`mot` with the synthetic source only. Batch-dependent: it reads the other sequences of its group
 (rows g n .. g n + n - 1 of the batch, n = `model.moe.mot_group_size`), so a request's output
 changes with the requests batched with it; n = 1 is the per-token model (every expert runs on
 every token, weighted 1). A batch whose size n does not divide is padded with empty rows.
@@ -67,7 +70,8 @@ class MixtureOfTokens(MoEFFN):
   Antoniak et al. 2023, arXiv:2310.15961): E experts (`moe_dims`), a controller W [D, E], groups
   of n = `model.moe.mot_group_size` sequences (default 4); equations in `mixture_of_tokens`.
 
-  Causal, NOT batch-independent (module docstring). Nothing is dropped; no auxiliary loss.
+  Causal over independent rows (the synthetic source only), NOT batch-independent (module
+  docstring). Nothing is dropped; no auxiliary loss.
   Cost: each expert runs once per group and position, E / n expert FFNs per token (the
   `experts_per_token` metric): n = E / K matches a top-K layer (4 for top-2 of 8). The paper's
   transition tuning (a softmax temperature annealed towards sparse routing) is not implemented.
