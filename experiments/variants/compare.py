@@ -11,7 +11,8 @@ experts and drops) and `tokens/s` the measured speed, so loss is read against bo
 
 Findings (`findings`): the headline claims that a run of this size can test:
 1. Chain-of-Experts (arXiv:2506.18945): 2 iterations of top-1 against top-2 (equal compute) and
-   against top-2 of twice the experts.
+   against top-2 of twice the experts; and with fine-grained experts as the paper (2 iterations
+   of top-8 of 64 against top-16 of 64).
 2. Zero-computation experts (MoE++, arXiv:2410.07348; AdaMoE, arXiv:2406.13233): fewer expert
    FFNs per token at equal or better loss.
 3. Mixture-of-Depths (arXiv:2404.02258): more tokens/s at a small loss cost.
@@ -47,6 +48,11 @@ VARIANTS = (
             note="top-2 of 16 experts (2x expert parameters, same compute)"),
     Variant("coe", "topk", (("model.moe.chain_iterations", 2), ("model.moe.top_k", 1)),
             note="Chain-of-Experts: 2 iterations of top-1 (same compute as top-2)"),
+    Variant("topk_g8", "topk", (("model.moe.granularity", 8),),
+            note="fine-grained: top-16 of 64 experts of width 16 (same compute)"),
+    Variant("coe_g8", "topk", (("model.moe.granularity", 8), ("model.moe.chain_iterations", 2),
+                               ("model.moe.top_k", 1)),
+            note="Chain-of-Experts as the paper: 2 iterations of top-8 of 64 (same compute)"),
     Variant("adamoe", "topk", (("model.moe.null_experts", 8), ("model.moe.top_k", 3)),
             note="AdaMoE: top-3 of 8 experts + 8 null experts"),
     Variant("moe_plus_plus", "topk",
@@ -104,6 +110,15 @@ def findings(rows: list[dict]) -> list[str]:
         f"{mean('topk_e16', 'eval_loss'):.4f} ({d16:+.4f}); experts/token "
         f"{mean('coe', 'experts_per_token'):.2f} vs {mean('topk', 'experts_per_token'):.2f}; "
         f"noise allowance {n:.4f}. Verdict: {verdict}.")
+  if all(v in g for v in ("coe_g8", "topk_g8")):
+    d = mean("coe_g8", "eval_loss") - mean("topk_g8", "eval_loss")
+    n = noise("coe_g8", "topk_g8")
+    lines.append(
+        f"{len(lines) + 1}. The same with fine-grained experts, as the paper's CoE-2(4/64) vs "
+        f"MoE(8/64): 2 iterations of top-8 of 64 against top-16 of 64. Eval loss "
+        f"{mean('coe_g8', 'eval_loss'):.4f} vs {mean('topk_g8', 'eval_loss'):.4f} ({d:+.4f}; "
+        f"noise {n:.4f}). Verdict: " + ("agrees" if d < -n else "no clear difference"
+                                        if abs(d) <= n else "does not agree") + ".")
   for name, paper in (("moe_plus_plus", "MoE++ (Jin et al. 2024, arXiv:2410.07348)"),
                       ("adamoe", "AdaMoE (Zeng et al. 2024, arXiv:2406.13233)")):
     if name in g and "topk" in g:
