@@ -143,7 +143,7 @@ def findings(rows: list[dict]) -> list[str]:
         f"{mean('mod', 'eval_loss'):.4f} vs {mean('topk', 'eval_loss'):.4f} ({d:+.4f}). Verdict: "
         + ("agrees" if speed > 1.05 and d <= 0.05 else
            "faster, with a loss cost above 0.05 nats" if speed > 1.05 else
-           "not faster at this size (the routed blocks' gathers cost more than they save)") + ".")
+           "not faster at this size (tokens/s within the spread of runs on shared cores)") + ".")
   return lines
 
 
