@@ -14,9 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from moejax import kernels
+from moejax.moe.dims import moe_dims
 from moejax.params import logical_param
 from moejax.registry import Registry
 
@@ -144,3 +146,14 @@ class SharedExperts(MLP):
     """x: [..., D] -> [..., D]."""
     g = jax.nn.sigmoid(jnp.dot(x.astype(self.dtype), self.gate[...].astype(self.dtype)))
     return g[..., None] * super().__call__(x)
+
+
+def shared_experts(model: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  """The always-on shared experts of `model.moe.num_shared_experts` of an MoE layer (DeepSeekMoE,
+  arXiv:2401.06066; gated as Qwen2-MoE with `shared_expert_gate`), or None."""
+  moe, dims = model.moe, moe_dims(model)
+  if not dims.shared_width:
+    return None
+  cls = SharedExperts if moe.get("shared_expert_gate", False) else MLP
+  return cls(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
+             dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))

@@ -16,13 +16,18 @@ from moejax.moe import heterogeneous
 from moejax.moe.chain import run_chain
 from moejax.moe.dims import moe_dims
 from moejax.moe.dispatch import DispatchPlan, dispatch
-from moejax.moe.experts import MLP, ExpertBank, SharedExperts
+from moejax.moe.experts import ExpertBank, shared_experts
 from moejax.moe.extra_experts import ZERO_COMPUTE_EXPERTS, ZeroComputeExperts, zero_compute_lb_loss
 from moejax.moe.heterogeneous import param_penalty_loss
 from moejax.moe.routing import ROUTERS, Router, Routing
 from moejax.params import side_rngs
 
 _VARIANT_SALT = 0x5EED   # MoELayer's side stream (moejax.params.side_rngs)
+
+# The sparse layer's variant options (`model.moe.<field>`) and the defaults that make it the plain
+# layer; what other layers refuse, and what accounting and the HF export require.
+VARIANT_DEFAULTS = {"null_experts": 0, "extra_experts": (), "gating_residual": False,
+                    "chain_iterations": 1, "expert_widths": ()}
 
 
 class MoEFFN(nnx.Module):
@@ -108,9 +113,7 @@ class MoELayer(MoEFFN):
     self.experts = ExpertBank(dims.experts, model.d_model, max(widths or (dims.expert_width,)),
                               moe.expert_type, rngs=rngs, gmm_backend=moe.gmm_backend,
                               dtype=dtype, param_dtype=param_dtype)
-    shared_cls = SharedExperts if moe.get("shared_expert_gate", False) else MLP
-    self.shared = (shared_cls(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
-                              dtype=dtype, param_dtype=param_dtype) if dims.shared_width else None)
+    self.shared = shared_experts(model, rngs)
     # Variants (module docstring of each): built last, from a side stream of their own, so the
     # plain parameters of this layer and of every later one are drawn exactly as without them.
     variant_rngs = side_rngs(rngs, _VARIANT_SALT)
@@ -172,9 +175,7 @@ class MoELayer(MoEFFN):
   def link(self, moe_layers: list, index: int) -> None:
     """Routers that share parameters over depth (rmoe's GRU cell, arXiv:2408.06793) get the
     model's routers in depth order (`Router.link`); nothing for the others."""
-    link = getattr(self.router, "link", None)
-    if link is not None:
-      link([getattr(layer, "router", None) for layer in moe_layers], index)
+    self.router.link([getattr(layer, "router", None) for layer in moe_layers], index)
 
   def routers(self) -> list:
     """The layer's routers: its own, then one per further Chain-of-Experts iteration."""
@@ -295,8 +296,9 @@ class MoELayer(MoEFFN):
     router = self.router if router is None else router
     k = routing.expert_index.shape[1]
     ones = jnp.ones_like(routing.combine_weights[:, :1])
-    outs = [dispatch(xt, routing.expert_index[:, j:j + 1], ones, self.expert_weights(),
-                     ffn=self.experts.ffn, plan=self.plan) for j in range(k)]
+    w = self.expert_weights()
+    outs = [dispatch(xt, routing.expert_index[:, j:j + 1], ones, w, ffn=self.experts.ffn,
+                     plan=self.plan) for j in range(k)]
     y_slots = jnp.stack([o[0] for o in outs])                                   # [K, T, D]
     y = jnp.einsum("ktd,tk->td", y_slots, routing.combine_weights.astype(y_slots.dtype))
     dropped = sum(o[1]["dropped_frac"] for o in outs) / k

@@ -19,6 +19,7 @@ from moejax.config import validate_model
 from moejax.errors import ConfigError
 from moejax.moe import is_moe_layer, moe_dims
 from moejax.moe.experts import num_ffn_matrices
+from moejax.moe.layer import VARIANT_DEFAULTS
 
 @dataclasses.dataclass(frozen=True)
 class ParamCounts:
@@ -61,9 +62,8 @@ def _model(config) -> ml_collections.ConfigDict:
 _COUNTED_AS = (("qkv_bias", False), ("qk_norm", ""), ("attention", "mha"),
                ("dense_d_ff", 0), ("moe.shared_expert_gate", False),
                # The expert variants (moejax.moe.variants and the sparse layer's options).
-               ("moe.layer", "sparse"), ("moe.null_experts", 0), ("moe.extra_experts", ()),
-               ("moe.gating_residual", False), ("moe.chain_iterations", 1),
-               ("moe.expert_widths", ()))
+               ("moe.layer", "sparse"),
+               *((f"moe.{field}", default) for field, default in VARIANT_DEFAULTS.items()))
 _LINEAR_GATE_ROUTERS = ("topk", "sigmoid", "switch", "deepseek", "expert_choice", "base",
                         "top_p", "relu")
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from moejax.errors import ConfigError
+from moejax.moe.layer import VARIANT_DEFAULTS
 
 
 class UnsupportedCheckpoint(ConfigError):
@@ -240,9 +241,8 @@ _EXPORT_DEFAULTS = {"tie_embeddings": True, "moe.expert_type": "swiglu", "moe.gr
                     "first_dense_layers": 0, "dense_layers": (), "dense_d_ff": 0,
                     "moe.bias_update_rate": 0.0,
                     # The expert variants (moejax.moe.variants): no released family has them.
-                    "moe.layer": "sparse", "moe.null_experts": 0, "moe.extra_experts": (),
-                    "moe.gating_residual": False, "moe.chain_iterations": 1,
-                    "moe.expert_widths": (), "mod_capacity": 0.0}
+                    "moe.layer": "sparse", "mod_capacity": 0.0,
+                    **{f"moe.{field}": v for field, v in VARIANT_DEFAULTS.items()}}
 
 
 def _field(m, dotted: str):
@@ -261,9 +261,8 @@ def check_exportable(m, family: str, allowed: dict) -> None:
   experts, granularity 1 and the plain sparse layer (no expert variant) are always required.
   """
   base = {"tie_embeddings": (False,), "moe.expert_type": ("swiglu",), "moe.granularity": (1,),
-          "moe.layer": ("sparse",), "moe.null_experts": (0,), "moe.extra_experts": ((),),
-          "moe.gating_residual": (False,), "moe.chain_iterations": (1,),
-          "moe.expert_widths": ((),), "mod_capacity": (0, 0.0, 1, 1.0)}
+          "moe.layer": ("sparse",), "mod_capacity": (0, 0.0, 1, 1.0),
+          **{f"moe.{field}": (v,) for field, v in VARIANT_DEFAULTS.items()}}
   for f, ok in {**base, **allowed}.items():
     value = _field(m, f)
     if value not in ok:

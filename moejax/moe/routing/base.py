@@ -199,6 +199,12 @@ class Router(nnx.Module):
     e = self.num_experts
     self.residual_map = logical_param(rngs, (e, e), e ** -0.5, (None, None), param_dtype)
 
+  def link(self, routers: list, index: int) -> None:
+    """Called once in a model (`MoELayer.link`) with the model's routers in depth order, this
+    one at `index`: for routers that share parameters over depth (rmoe's GRU cell); nothing by
+    default."""
+    del routers, index
+
   def select(self, scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Top-k of `scores` [T, E] plus the selection bias (if any); returns (the unbiased scores
     of the chosen experts [T, k], their indices [T, k] int32): the bias changes which experts

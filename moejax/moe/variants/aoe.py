@@ -38,11 +38,11 @@ from moejax.errors import ConfigError
 from moejax.moe import balance
 from moejax.moe.dims import moe_dims
 from moejax.moe.dispatch import DispatchPlan, dispatch
-from moejax.moe.experts import FFN_FORMS, GMM_BACKENDS, MLP, SharedExperts
-from moejax.moe.layer import MoEFFN, balance_groups
+from moejax.moe.experts import FFN_FORMS, GMM_BACKENDS, shared_experts
+from moejax.moe.layer import VARIANT_DEFAULTS, MoEFFN, balance_groups
 from moejax.moe.routing import top_k_lowest_index
 from moejax.moe.variants import MOE_LAYERS
-from moejax.moe.variants.rexmoe import refuse_options
+from moejax.moe.variants.mixing import refuse_options
 from moejax.params import logical_param
 
 _NORM_EPS = 1e-12    # inside the square root: a zero activation gets a finite gradient
@@ -130,17 +130,13 @@ class AoELayer(MoEFFN):
     w["down"] = logical_param(rngs, (e, f, d), f ** -0.5, ("expert", "expert_mlp", "embed"),
                               param_dtype)
     self.w = nnx.Dict(w)
-    shared_cls = SharedExperts if moe.get("shared_expert_gate", False) else MLP
-    self.shared = (shared_cls(d, dims.shared_width, moe.expert_type, rngs=rngs, dtype=dtype,
-                              param_dtype=param_dtype) if dims.shared_width else None)
+    self.shared = shared_experts(model, rngs)
 
   @classmethod
   def check_config(cls, model: ml_collections.ConfigDict) -> None:
     moe = model.moe
     # The sparse layer's router and bank options: AoE has neither a router nor its bank.
-    refuse_options(model, {"null_experts": 0, "extra_experts": (), "chain_iterations": 1,
-                           "expert_widths": (), "gating_residual": False,
-                           "bias_update_rate": 0.0}, "aoe")
+    refuse_options(model, {**VARIANT_DEFAULTS, "bias_update_rate": 0.0}, "aoe")
     r = moe.get("aoe_rank", 16)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
       raise ConfigError("model.moe.aoe_rank", r, "a positive integer (r of the factorised "

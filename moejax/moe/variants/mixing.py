@@ -16,7 +16,8 @@ from flax import nnx
 
 from moejax.errors import ConfigError
 from moejax.moe.dims import moe_dims
-from moejax.moe.experts import MLP, ExpertBank, SharedExperts
+from moejax.moe.experts import ExpertBank, shared_experts  # noqa: F401  (shared_experts: for the layers)
+from moejax.moe.layer import VARIANT_DEFAULTS
 
 # Far below any logit yet finite, so a fully masked softmax gives zeros, never 0/0 or inf - inf.
 _MASKED = -1e30
@@ -57,37 +58,31 @@ def expert_bank(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ExpertBank:
                     param_dtype=jnp.dtype(model.param_dtype))
 
 
-def shared_experts(model: ml_collections.ConfigDict, rngs: nnx.Rngs):
-  """The always-on shared experts of `model.moe.num_shared_experts` (as `MoELayer` builds them:
-  DeepSeekMoE, arXiv:2401.06066; gated as Qwen2-MoE with `shared_expert_gate`), or None."""
-  moe, dims = model.moe, moe_dims(model)
-  if not dims.shared_width:
-    return None
-  cls = SharedExperts if moe.get("shared_expert_gate", False) else MLP
-  return cls(model.d_model, dims.shared_width, moe.expert_type, rngs=rngs,
-             dtype=jnp.dtype(model.dtype), param_dtype=jnp.dtype(model.param_dtype))
-
-
 # Options of the sparse layer (`moejax.moe.layer.MoELayer`) around its router and bank, with
 # their defaults: a layer that routes by itself and builds its own experts takes none of them.
 _SPARSE_LAYER_OPTIONS = {"router": "topk", "router_args": {}, "dispatch": "dropless",
-                         "bias_update_rate": 0.0, "null_experts": 0, "extra_experts": (),
-                         "chain_iterations": 1, "gating_residual": False, "expert_widths": ()}
+                         "bias_update_rate": 0.0, **VARIANT_DEFAULTS}
 
 
-def refuse_router_options(model: ml_collections.ConfigDict, layer: str) -> None:
-  """Raises ConfigError for the first `model.moe` option of the sparse layer's router and bank
-  (another router, router arguments, loss-free balancing, capacity dispatch, null or extra
-  experts, chains, gating residuals, expert widths) set away from its default: a layer that
-  routes by itself would silently ignore it. A missing or empty field is the default."""
-  for field, default in _SPARSE_LAYER_OPTIONS.items():
+def refuse_options(model: ml_collections.ConfigDict, options: dict, layer: str,
+                   why: str = "") -> None:
+  """Raises `ConfigError` for the first field of `options` ({field of model.moe: its default})
+  set to anything but its default (a missing or empty field is the default): `layer` would
+  silently ignore it. `why` ends the message."""
+  for field, default in options.items():
     value = model.moe.get(field, default)
     if hasattr(value, "to_dict"):
       value = value.to_dict()
     if (value or default) != default:
       raise ConfigError(f"model.moe.{field}", value,
-                        f"{default!r} (the default) with model.moe.layer={layer!r}, which "
-                        "routes by itself")
+                        f"{default!r} (the default) with model.moe.layer={layer!r}{why}")
+
+
+def refuse_router_options(model: ml_collections.ConfigDict, layer: str) -> None:
+  """`refuse_options` for the sparse layer's router and bank options (another router, router
+  arguments, loss-free balancing, capacity dispatch, null or extra experts, chains, gating
+  residuals, expert widths), which a layer that routes by itself would ignore."""
+  refuse_options(model, _SPARSE_LAYER_OPTIONS, layer, ", which routes by itself")
 
 
 def check_int(model: ml_collections.ConfigDict, field: str, default: int, low: int,

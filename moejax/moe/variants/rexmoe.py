@@ -29,25 +29,15 @@ from jax.sharding import Mesh
 from moejax.errors import ConfigError
 from moejax.moe.dims import is_moe_layer, moe_dims
 from moejax.moe.dispatch import DispatchPlan
-from moejax.moe.layer import MoELayer
+from moejax.moe.layer import VARIANT_DEFAULTS, MoELayer
 from moejax.moe.routing import ROUTERS
 from moejax.moe.variants import MOE_LAYERS
+from moejax.moe.variants.mixing import refuse_options
 
 
 # Sparse-layer options (`moejax.moe.layer.MoELayer`) built around one layer's own bank of E
 # experts (extra router outputs, per-expert widths, extra routers): not taken by the pool layer.
-_OWN_BANK_OPTIONS = {"null_experts": 0, "extra_experts": (), "chain_iterations": 1,
-                     "expert_widths": ()}
-
-
-def refuse_options(model: ml_collections.ConfigDict, options: dict, layer: str) -> None:
-  """Raises `ConfigError` for the first field of `options` ({field of model.moe: its default})
-  set to anything but its default (a missing or empty field is the default)."""
-  for field, default in options.items():
-    value = model.moe.get(field, default)
-    if (value or default) != default:
-      raise ConfigError(f"model.moe.{field}", value,
-                        f"{default!r} (the default) with model.moe.layer={layer!r}")
+_OWN_BANK_OPTIONS = {k: v for k, v in VARIANT_DEFAULTS.items() if k != "gating_residual"}
 
 
 def num_moe_layers(model: ml_collections.ConfigDict) -> int:
