@@ -234,13 +234,16 @@ class Block(nnx.Module):
       return self._routed(x, positions, segment_ids, train=train, rng=rng, token_ids=token_ids,
                           carry=carry)
     x = x + self.attn(self.attn_norm(x), positions, segment_ids).astype(x.dtype)
-    h = self.ffn_norm(x)
-    if self.is_moe:
-      y, aux_loss, metrics, carry = self.ffn.forward(h, segment_ids, train=train, rng=rng,
-                                                     token_ids=token_ids, carry=carry)
-    else:
-      y, aux_loss, metrics = self.ffn(h), jnp.zeros((), jnp.float32), None
+    y, aux_loss, metrics, carry = self._ffn(self.ffn_norm(x), segment_ids, train=train, rng=rng,
+                                            token_ids=token_ids, carry=carry)
     return x + y.astype(x.dtype), aux_loss, metrics, carry
+
+  def _ffn(self, h, segment_ids, *, train, rng, token_ids, carry):
+    """The FFN on h [B, S, D] -> (y, aux loss, metrics (None for a dense FFN), carry)."""
+    if self.is_moe:
+      return self.ffn.forward(h, segment_ids, train=train, rng=rng, token_ids=token_ids,
+                              carry=carry)
+    return self.ffn(h), jnp.zeros((), jnp.float32), None, carry
 
   def _routed(self, x, positions, segment_ids, *, train, rng, token_ids, carry):
     """The Mixture-of-Depths block (arguments and results as `__call__`). The block's MoE layer
@@ -259,12 +262,10 @@ class Block(nnx.Module):
     a = self.attn(self.attn_norm(xs), ps, ss).astype(x.dtype)
     h = self.ffn_norm(xs + a)
     rows = depth.flat_rows(index, s)
-    if self.is_moe:
-      y, aux_loss, metrics, sub_carry = self.ffn.forward(
-          h, ss, train=train, rng=rng, token_ids=ids, carry=depth.gather_carry(carry, rows))
-      carry = depth.scatter_carry(carry, sub_carry, rows, b * s)
-    else:
-      y, aux_loss, metrics = self.ffn(h), jnp.zeros((), jnp.float32), {}
+    y, aux_loss, metrics, sub_carry = self._ffn(h, ss, train=train, rng=rng, token_ids=ids,
+                                                carry=depth.gather_carry(carry, rows))
+    carry = depth.scatter_carry(carry, sub_carry, rows, b * s)
+    metrics = metrics or {}
     # eq. 1: x_i + r_i f_i(X~); padding that had to be chosen (rows shorter than k) is left as is.
     r = depth.gather_tokens(scores, index) * (ss > 0)                            # [B, k]
     update = r[..., None] * (a + y.astype(x.dtype)).astype(jnp.float32)

@@ -44,10 +44,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import ml_collections
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from moejax.errors import ConfigError
 
@@ -133,26 +133,6 @@ def check_compatible(dense: ml_collections.ConfigDict, moe: ml_collections.Confi
     raise ConfigError("model.dense_d_ff", mm.get("dense_d_ff", 0),
                       f"0 or {width}: the dense layers {kept} keep the dense FFN, width {width} "
                       f"({source})")
-
-
-def _leaves(tree, prefix=()) -> dict[tuple, Any]:
-  """Nested dict -> {path tuple: leaf}."""
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_leaves(v, prefix + (k,)))
-    return out
-  return {prefix: tree}
-
-
-def _tree(leaves: dict[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, leaf in leaves.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = leaf
-  return out
 
 
 def _name(path: tuple) -> str:
@@ -242,7 +222,7 @@ def upcycle_params(dense: dict, moe_init: dict, *, method: str = "sparse",
       unused, or a shape mismatch (naming the parameter's path).
   """
   rate = drop_rate_of(method, drop_rate)
-  src, dst = _leaves(dense), _leaves(moe_init)
+  src, dst = flatten_dict(dense), flatten_dict(moe_init)
   rng = np.random.default_rng(seed)
   used, out, banks = set(), {}, {}
   for path in sorted(dst, key=_name):
@@ -272,7 +252,7 @@ def upcycle_params(dense: dict, moe_init: dict, *, method: str = "sparse",
   unused = sorted(_name(p) for p in set(src) - used)
   if unused:
     raise ValueError(f"dense weights with no place in the MoE model: {unused}")
-  return _tree(out)
+  return unflatten_dict(out)
 
 
 def upcycle(dense_workdir: str, config: ml_collections.ConfigDict, workdir: str, *,
