@@ -60,6 +60,22 @@ def router_z_loss(logits: jax.Array, token_mask: jax.Array | None = None) -> jax
   return jnp.sum(z * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def entropy(p: jax.Array, axis: int = -1) -> jax.Array:
+  """Entropy in nats of distributions `p` along `axis` (0 log 0 = 0)."""
+  p = p.astype(jnp.float32)
+  return -jnp.sum(p * jnp.log(jnp.where(p > 0, p, 1.0)), axis=axis)
+
+
+def usage_metrics(usage: jax.Array) -> dict:
+  """usage: [E] >= 0, how much each expert was used -> {`load` [E] (shares, summing to 1),
+  `max_vio`}; no usage at all gives zero loads and no violation."""
+  usage = usage.astype(jnp.float32)
+  total = jnp.sum(usage)
+  load = usage / jnp.where(total > 0, total, 1.0)
+  max_vio = jnp.where(total > 0, jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-30) - 1.0, 0.0)
+  return {"load": load, "max_vio": max_vio}
+
+
 def routing_metrics(router_probs: jax.Array, group_sizes: jax.Array,
                     token_mask: jax.Array | None = None) -> dict:
   """Per-layer routing metrics over the routed tokens.
@@ -71,12 +87,6 @@ def routing_metrics(router_probs: jax.Array, group_sizes: jax.Array,
   Args:
     router_probs: [T, E]; group_sizes: [E] routed copies per expert; token_mask: [T] bool.
   """
-  load = group_sizes.astype(jnp.float32) / jnp.maximum(jnp.sum(group_sizes), 1)
-  # No routed token at all (a batch of padding): no violation rather than 0/0.
-  max_vio = jnp.where(jnp.sum(group_sizes) > 0,
-                      jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-30) - 1.0, 0.0)
-  p = router_probs.astype(jnp.float32)
-  m = _mask(token_mask, p.shape[0])
-  entropy = -jnp.sum(p * jnp.log(jnp.where(p > 0, p, 1.0)), axis=-1)
-  return {"load": load, "max_vio": max_vio,
-          "router_entropy": jnp.sum(entropy * m) / jnp.maximum(jnp.sum(m), 1.0)}
+  m = _mask(token_mask, router_probs.shape[0])
+  return {**usage_metrics(group_sizes),
+          "router_entropy": jnp.sum(entropy(router_probs) * m) / jnp.maximum(jnp.sum(m), 1.0)}

@@ -1,11 +1,8 @@
 """What the soft and retrieval layers share (`soft`, `smear`, `mot`, `peer`): a masked softmax,
-the per-expert usage metrics, the expert bank, the shared experts and the refusal of the sparse layer's router
-and bank options, which these layers do not read (they route by themselves).
-
-The usage metrics follow `moejax.moe.balance.routing_metrics`: `load` [E] is each expert's share
-of the layer's expert usage and `max_vio` = max load / mean load - 1 (MaxVio, "Auxiliary-Loss-
-Free Load Balancing Strategy for Mixture-of-Experts", Wang et al. 2024, arXiv:2408.15664).
-What "usage" is depends on the layer and is said in its docstring.
+their linear gate and expert bank, and the refusal of the sparse layer's router and bank
+options, which these layers do not read (they route by themselves). Their usage metrics are
+`moejax.moe.balance.usage_metrics` (`load` [E], each expert's share of the layer's expert usage,
+and MaxVio); what "usage" is depends on the layer and is said in its docstring.
 """
 from __future__ import annotations
 
@@ -16,8 +13,9 @@ from flax import nnx
 
 from moejax.errors import ConfigError
 from moejax.moe.dims import moe_dims
-from moejax.moe.experts import ExpertBank, shared_experts  # noqa: F401  (shared_experts: for the layers)
+from moejax.moe.experts import ExpertBank
 from moejax.moe.layer import VARIANT_DEFAULTS
+from moejax.params import logical_param
 
 # Far below any logit yet finite, so a fully masked softmax gives zeros, never 0/0 or inf - inf.
 _MASKED = -1e30
@@ -33,20 +31,11 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
   return e / jnp.where(total > 0, total, 1.0)
 
 
-def entropy(p: jax.Array, axis: int = -1) -> jax.Array:
-  """Entropy in nats of distributions `p` along `axis` (0 log 0 = 0)."""
-  p = p.astype(jnp.float32)
-  return -jnp.sum(p * jnp.log(jnp.where(p > 0, p, 1.0)), axis=axis)
-
-
-def usage_metrics(usage: jax.Array) -> dict:
-  """usage: [E] >= 0, how much each expert was used -> {`load` [E] (shares, summing to 1),
-  `max_vio`}; no usage at all gives zero loads and no violation."""
-  usage = usage.astype(jnp.float32)
-  total = jnp.sum(usage)
-  load = usage / jnp.where(total > 0, total, 1.0)
-  max_vio = jnp.where(total > 0, jnp.max(load) / jnp.maximum(jnp.mean(load), 1e-30) - 1.0, 0.0)
-  return {"load": load, "max_vio": max_vio}
+def linear_gate(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Param:
+  """A controller W [D, E] (E experts after granularity), normal(0, D^-1/2)."""
+  d, e = model.d_model, moe_dims(model).experts
+  return logical_param(rngs, (d, e), d ** -0.5, ("embed", "expert"),
+                       jnp.dtype(model.param_dtype))
 
 
 def expert_bank(model: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ExpertBank:

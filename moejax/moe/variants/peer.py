@@ -18,11 +18,12 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moejax.errors import ConfigError
+from moejax.moe.balance import entropy, usage_metrics
 from moejax.moe.dispatch import DispatchPlan
+from moejax.moe.experts import shared_experts
 from moejax.moe.layer import MoEFFN
 from moejax.moe.variants import MOE_LAYERS
-from moejax.moe.variants.mixing import (check_int, entropy, refuse_router_options,
-                                        shared_experts, usage_metrics)
+from moejax.moe.variants.mixing import check_int, refuse_router_options
 from moejax.params import logical_param
 
 

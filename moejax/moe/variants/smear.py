@@ -25,13 +25,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moejax.errors import ConfigError
-from moejax.moe.dims import moe_dims
-from moejax.moe.experts import FFN_FORMS
+from moejax.moe.balance import entropy, usage_metrics
+from moejax.moe.experts import FFN_FORMS, shared_experts
 from moejax.moe.layer import MoEFFN
 from moejax.moe.variants import MOE_LAYERS
-from moejax.moe.variants.mixing import (entropy, expert_bank, refuse_router_options,
-                                        shared_experts, usage_metrics)
-from moejax.params import logical_param
+from moejax.moe.variants.mixing import expert_bank, linear_gate, refuse_router_options
 
 SMEAR_ROUTINGS = ("prefix", "sequence")
 
@@ -109,11 +107,9 @@ class SMEAR(MoEFFN):
   def __init__(self, model: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
                mesh: Mesh | None = None):
     del mesh
-    moe, dims = model.moe, moe_dims(model)
-    d, pd = model.d_model, jnp.dtype(model.param_dtype)
-    self.routing = moe.get("smear_routing", "prefix")
+    self.routing = model.moe.get("smear_routing", "prefix")
     self.causal = self.routing == "prefix"
-    self.gate = logical_param(rngs, (d, dims.experts), d ** -0.5, ("embed", "expert"), pd)
+    self.gate = linear_gate(model, rngs)
     self.experts = expert_bank(model, rngs)
     self.shared = shared_experts(model, rngs)
 

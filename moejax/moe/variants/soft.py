@@ -16,12 +16,12 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
+from moejax.moe.balance import entropy, usage_metrics
 from moejax.moe.dims import moe_dims
-from moejax.moe.experts import ExpertFFN
+from moejax.moe.experts import ExpertFFN, shared_experts
 from moejax.moe.layer import MoEFFN
 from moejax.moe.variants import MOE_LAYERS
-from moejax.moe.variants.mixing import (check_int, entropy, expert_bank, masked_softmax,
-                                        refuse_router_options, shared_experts, usage_metrics)
+from moejax.moe.variants.mixing import check_int, expert_bank, masked_softmax, refuse_router_options
 from moejax.params import logical_param
 
 

@@ -22,13 +22,11 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from moejax.moe.dims import moe_dims
-from moejax.moe.experts import ExpertFFN
+from moejax.moe.balance import entropy, usage_metrics
+from moejax.moe.experts import ExpertFFN, shared_experts
 from moejax.moe.layer import MoEFFN
 from moejax.moe.variants import MOE_LAYERS
-from moejax.moe.variants.mixing import (check_int, entropy, expert_bank, masked_softmax,
-                                        refuse_router_options, shared_experts, usage_metrics)
-from moejax.params import logical_param
+from moejax.moe.variants.mixing import check_int, expert_bank, linear_gate, masked_softmax, refuse_router_options
 
 
 def mixture_of_tokens(x: jax.Array, token_mask: jax.Array, gate: jax.Array, w: dict,
@@ -92,10 +90,8 @@ class MixtureOfTokens(MoEFFN):
   def __init__(self, model: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
                mesh: Mesh | None = None):
     del mesh
-    moe, dims = model.moe, moe_dims(model)
-    d, pd = model.d_model, jnp.dtype(model.param_dtype)
-    self.group_size = moe.get("mot_group_size", 4)
-    self.gate = logical_param(rngs, (d, dims.experts), d ** -0.5, ("embed", "expert"), pd)
+    self.group_size = model.moe.get("mot_group_size", 4)
+    self.gate = linear_gate(model, rngs)
     self.experts = expert_bank(model, rngs)
     self.shared = shared_experts(model, rngs)
 
