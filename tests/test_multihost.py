@@ -159,10 +159,14 @@ def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path):
     assert line and "another process died" in line[0], out[-3000:]
     assert f"Latest complete checkpoint: step {steps[-1]} in " in line[0], (line, steps)
   else:
-    # Blocked where nothing fails (an orbax save's barrier): the coordination service aborts it
-    # once the peer misses heartbeats for train.heartbeat_timeout_s, with its own message.
+    # Aborted below Python, where moejax cannot catch it, in one of two ways: blocked where
+    # nothing fails (an orbax save's barrier), the coordination service aborts it once the peer
+    # misses heartbeats for train.heartbeat_timeout_s, with its own message; or the killed peer
+    # left a partial message in a collective and gloo's own check aborts at once.
     assert procs[0].returncode == -signal.SIGABRT, (procs[0].returncode, out[-3000:])
-    assert "another task died" in out and "stopped sending heartbeats" in out, out[-3000:]
+    heartbeat = "another task died" in out and "stopped sending heartbeats" in out
+    partial = "gloo::EnforceNotMet" in out and "Received data size doesn't match" in out
+    assert heartbeat or partial, out[-3000:]
   # The last complete checkpoint restores; an unfinished save is never listed as a step.
   assert all("orbax-checkpoint-tmp" in n for n in others), others
   config = load_config(**overrides)
