@@ -9,8 +9,14 @@ respect to the parameters *and* the input, under `jax.jit`) of
   - `dense_module`: the same FFN as moejax's `MLP` module on [1, T, D] (what the layer's shared
     experts use), for comparison,
   - the MoE layer (`MoELayer`) with dropless dispatch, once per grouped-matmul backend in
-    `moejax.kernels.GMM_BACKENDS` (MegaBlocks' grouped GEMM, arXiv:2211.15841),
+    `moejax.kernels.GMM_BACKENDS` (MegaBlocks' grouped GEMM, arXiv:2211.15841), and with
+    `chunked` also once with `model.moe.fused_gather` (`dropless/chunked+fused`: rows read
+    through the sort index, ScatterMoE arXiv:2403.08245),
   - the same layer with capacity dispatch (GShard one-hot einsums, arXiv:2006.16668),
+  - `expert_floor`: the experts' SwiGLU alone on rows already grouped into E equal slabs
+    [E, T*K/E, D] (one batched einsum per matrix, no router, no permute, no combine): the
+    fastest expert compute XLA runs for these FLOPs, a floor no dropless layer can go below
+    with XLA's own matmuls,
 with the timed runs interleaved, and reports milliseconds, achieved GFLOP/s of the active
 FLOPs (6 * T * D * W per matrix: forward and two backward matmuls), the ratio to `dense` and to
 every other case, and the peak memory XLA planned for each compiled step
@@ -117,6 +123,27 @@ def dense_swiglu_fwd_bwd(d_model: int, width: int, dtype, key):
   return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))), w
 
 
+def expert_floor_fwd_bwd(d_model: int, num_experts: int, top_k: int, width: int, tokens: int,
+                         dtype, key):
+  """The floor of the expert compute: fn(w, xs [E, C, D]) -> (loss, (d w, d xs)) of mean(y^2)
+  with y = silu(xs @ g) * (xs @ u) @ d per expert slab, C = T*K/E rows each (perfect balance,
+  rows already grouped), as batched einsums; returns (fn, (w, xs))."""
+  kg, ku, kd, kx = jax.random.split(key, 4)
+  e, c = num_experts, tokens * top_k // num_experts
+  w = {"g": jax.random.normal(kg, (e, d_model, width), jnp.float32) * d_model ** -0.5,
+       "u": jax.random.normal(ku, (e, d_model, width), jnp.float32) * d_model ** -0.5,
+       "d": jax.random.normal(kd, (e, width, d_model), jnp.float32) * width ** -0.5}
+  xs = jax.random.normal(kx, (e, c, d_model), dtype)
+
+  def loss_fn(w, xs):
+    g, u, d = (w[n].astype(dtype) for n in "gud")
+    mm = lambda a, b: jnp.einsum("ecd,edf->ecf", a, b)           # noqa: E731
+    y = mm(jax.nn.silu(mm(xs, g)) * mm(xs, u), d)
+    return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+  return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))), (w, xs)
+
+
 def peak_bytes(fn, args) -> int | None:
   """Arguments + outputs + temporaries - aliased bytes of fn's compiled executable."""
   try:
@@ -152,8 +179,9 @@ def time_ms(fns: dict, *, warmup: int, repeats: int) -> dict[str, float]:
 
 @dataclasses.dataclass
 class Row:
-  """One MoE shape: per case (`dense`, `dense_module`, `dropless/<backend>`, `capacity`) the
-  median ms and the planned peak bytes; `flops` are the active FLOPs of one fwd+bwd step."""
+  """One MoE shape: per case (`dense`, `dense_module`, `expert_floor`, `dropless/<backend>`,
+  `capacity`) the median ms and the planned peak bytes; `flops` are the active FLOPs of one
+  fwd+bwd step."""
   shape: str
   num_experts: int
   top_k: int
@@ -176,18 +204,24 @@ def run_shape(name: str, num_experts: int, top_k: int, granularity: int, args) -
   x = jax.random.normal(jax.random.key(1), (1, args.tokens, args.d_model), dtype)   # [1, T, D]
   fns = {}
   m = None
-  for dispatch, backend in [("dropless", b) for b in args.backends] + [("capacity", None)]:
+  cases = [("dropless", b, False) for b in args.backends]
+  cases += [("dropless", "chunked", True)] if "chunked" in args.backends else []
+  for dispatch, backend, fused in cases + [("capacity", None, False)]:
     m = model_config(args.d_model, args.d_ff, num_experts, top_k, granularity, dispatch,
                      args.routing_group, args.capacity_factor, backend or "ragged_dot",
                      args.dtype)
+    m.moe.fused_gather = fused
     fn, state = module_fwd_bwd(MoELayer(m, rngs=nnx.Rngs(0)))
-    fns["capacity" if backend is None else f"dropless/{backend}"] = (fn, (state, x))
+    case = "capacity" if backend is None else f"dropless/{backend}" + ("+fused" if fused else "")
+    fns[case] = (fn, (state, x))
   e, k, f = _dims(m)
   width = k * f                                   # the active expert width per token
   dense, w = dense_swiglu_fwd_bwd(args.d_model, width, dtype, jax.random.key(2))
   module, state = module_fwd_bwd(MLP(args.d_model, width, "swiglu", rngs=nnx.Rngs(0),
                                      dtype=dtype))
-  fns = {"dense": (dense, (w, x[0])), "dense_module": (module, (state, x)), **fns}
+  floor = expert_floor_fwd_bwd(args.d_model, e, k, f, args.tokens, dtype, jax.random.key(3))
+  fns = {"dense": (dense, (w, x[0])), "dense_module": (module, (state, x)),
+         "expert_floor": floor, **fns}
   peaks = {c: peak_bytes(fn, a) for c, (fn, a) in fns.items()}
   ms = time_ms(fns, warmup=args.warmup, repeats=args.repeats)
   flops = 3 * 6.0 * args.tokens * args.d_model * width      # 3 matrices x (fwd + 2 bwd)

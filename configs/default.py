@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
   moe.capacity_factor = 1.25
   moe.routing_group = 64   # R: tokens routed together under capacity dispatch (one sequence)
   moe.gmm_backend = "blocked"  # padded row tiles; "ragged_dot": jax.lax.ragged_dot (moejax/kernels)
+  # Dropless, gmm_backend "chunked", one expert shard: read the tokens through the sort index
+  # instead of a [T*K, D] permuted copy (ScatterMoE's fused gather; less memory, a little slower).
+  moe.fused_gather = False
   # Expert parallelism (mesh.expert > 1), dropless: how tokens reach their experts' shard
   # ("all_to_all" | "ring") and the buffers' size in average loads (0: worst case, no drops).
   moe.ep_exchange = "all_to_all"

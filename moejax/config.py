@@ -133,6 +133,11 @@ def validate_model(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   DISPATCHERS.check(moe.dispatch)
   EP_EXCHANGES.check(moe.ep_exchange)
   GMM_BACKENDS.check(moe.gmm_backend)
+  fused = moe.get("fused_gather", False)
+  _check(isinstance(fused, bool) and (not fused or moe.gmm_backend == "chunked"),
+         "model.moe.fused_gather", fused, "True or False, and True only with "
+         "model.moe.gmm_backend = 'chunked' (the fused gather follows chunked's walk over the "
+         f"experts), not {moe.gmm_backend!r}")
   for f in ("capacity_factor", "ep_capacity_factor"):
     _check(_is_number(moe[f]) and (moe[f] > 0 or f == "ep_capacity_factor" and moe[f] == 0),
            f"model.moe.{f}", moe[f], "a number > 0" + (" (0: buffers for the worst case)"
@@ -295,6 +300,14 @@ def _validate_mesh(config: ml_collections.ConfigDict, sizes: dict[str, int]) -> 
   ep, tp = sizes["expert"], sizes["tensor"]
   _check(ep <= dims.experts and dims.experts % ep == 0, "mesh.expert", ep,
          f"a divisor of the {dims.experts} experts (model.moe.num_experts * granularity)")
+  _check(ep == 1 or not moe.get("fused_gather", False), "mesh.expert", ep,
+         "1 with model.moe.fused_gather = True (expert-parallel exchanges move rows, not indices)")
+  import jax  # noqa: PLC0415
+  devices = math.prod(sizes[a] for a in ("data", "fsdp", "expert", "tensor"))
+  _check(moe.gmm_backend != "pallas" or devices == 1 or jax.default_backend() != "cpu",
+         "model.moe.gmm_backend", moe.gmm_backend,
+         f"not 'pallas' on a mesh of {devices} CPU devices: inside shard_map the Pallas "
+         "interpreter of jax 0.10.2 fails its varying-axes check; 'chunked' or 'blocked' there")
   widths = tuple(moe.get("expert_widths", ()) or ())
   width = max(widths) if widths else dims.expert_width
   _check(width % tp == 0, "mesh.tensor", tp,

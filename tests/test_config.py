@@ -48,6 +48,12 @@ BAD = [
     ("train.warmup_steps", 10_000, {}, "train.warmup_steps"),
     ("data.source", "imagenet", {}, "data.source"),
     ("mesh.expert", 0, {}, "mesh.expert"),
+    ("model.moe.fused_gather", True, {}, "model.moe.fused_gather"),     # blocked has no fused form
+    ("model.moe.fused_gather", "yes", {"model.moe.gmm_backend": "chunked"},
+     "model.moe.fused_gather"),
+    ("mesh.expert", 2, {"model.moe.gmm_backend": "chunked", "model.moe.fused_gather": True},
+     "mesh.expert"),
+    ("model.moe.gmm_backend", "pallas", {}, "model.moe.gmm_backend"),   # 8 CPU devices
     ("seed", -1, {}, "seed"),
 ]
 

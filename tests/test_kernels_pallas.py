@@ -166,10 +166,13 @@ def test_default_tiling_and_registry():
     gmm(jnp.zeros((4, 2)), jnp.zeros((1, 2, 2)), jnp.asarray([4]), kernel="cuda_magic")
 
 
-@pytest.mark.parametrize("backend", ["pallas", "chunked"])
-def test_moe_layer_backend_equals_ragged_dot(backend):
+@pytest.mark.parametrize("backend,fused", [("pallas", False), ("chunked", False),
+                                           ("chunked", True)])
+def test_moe_layer_backend_equals_ragged_dot(backend, fused):
   """A dropless MoE layer (8 experts, top-2, 2 x 12 tokens) gives the same output and the same
-  gradients for every parameter and the input with `backend` as with `ragged_dot`."""
+  gradients for every parameter and the input with `backend` as with `ragged_dot`; `fused`:
+  with `model.moe.fused_gather` (rows read through the sort index, unpermute fused with the
+  combine)."""
   from flax import nnx                         # noqa: PLC0415
   from helpers import load_config              # noqa: PLC0415
 
@@ -178,8 +181,8 @@ def test_moe_layer_backend_equals_ragged_dot(backend):
   model.moe.num_experts, model.moe.top_k, model.moe.dispatch = 8, 2, "dropless"
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 12, 8)), jnp.float32)
   results = []
-  for name in ("ragged_dot", backend):
-    model.moe.gmm_backend = name
+  for name, fused_gather in (("ragged_dot", False), (backend, fused)):
+    model.moe.gmm_backend, model.moe.fused_gather = name, fused_gather
     graphdef, state = nnx.split(MoELayer(model, rngs=nnx.Rngs(0)))
 
     def loss(state, x, graphdef=graphdef):

@@ -105,6 +105,24 @@ def _varying_axes(x: jax.Array) -> frozenset:
   return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
+def vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """The arrays, each cast (a type change, no data moves) to vary over every shard_map axis
+  one of them varies over: a Pallas kernel's operands inside shard_map must agree."""
+  axes = frozenset().union(*(_varying_axes(a) for a in arrays))
+  return tuple(jax.lax.pcast(a, tuple(sorted(axes - _varying_axes(a))), to="varying")
+               if axes - _varying_axes(a) else a for a in arrays)
+
+
+def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+  """A kernel's output type: `shape`, `dtype`, varying over every shard_map axis one of the
+  inputs `like` varies over (inside shard_map, pallas_call needs it said)."""
+  axes = frozenset().union(*(_varying_axes(a) for a in like))
+  if not axes:
+    return jax.ShapeDtypeStruct(shape, dtype)
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
+
+
 def _like_primal(ct: jax.Array, primal: jax.Array) -> jax.Array:
   """Sums a cotangent over the shard_map axes it varies over and its primal does not, as
   autodiff does when an invariant input meets varying ones (a custom VJP must do it itself)."""

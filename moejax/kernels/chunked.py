@@ -26,10 +26,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.blocked import _like_primal
+from moejax.kernels.blocked import _like_primal, _varying_axes
 
 CHUNK = 512      # tm: rows of the full chunks
 CHUNK_MIN = 16   # tmin: the smallest static chunk; below it one masked window
+
+
+def _zeros(shape, dtype, *like) -> jax.Array:
+  """Zeros that vary over every shard_map axis one of `like` varies over (none outside
+  shard_map): a loop's initial carry must have the type of what its body makes of it."""
+  axes = frozenset().union(*(_varying_axes(a) for a in like))
+  z = jnp.zeros(shape, dtype)
+  return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
 
 
 def _bounds(group_sizes, m):
@@ -107,7 +115,7 @@ def _gmm(lhs, rhs, group_sizes, tm, tmin, transpose_rhs):
 
     return _walk(m, start[i], size[i], tm, tmin, out, full, part)
 
-  return jax.lax.fori_loop(0, e, expert, jnp.zeros((m, n), lhs.dtype))
+  return jax.lax.fori_loop(0, e, expert, _zeros((m, n), lhs.dtype, lhs, rhs, group_sizes))
 
 
 def _tgmm(lhs, dy, group_sizes, tm, tmin, out_dtype):
@@ -130,10 +138,11 @@ def _tgmm(lhs, dy, group_sizes, tm, tmin, out_dtype):
       d = jax.lax.dynamic_slice_in_dim(dy, win, tmin, 0)
       return acc + jax.lax.dot_general(x, d, tdims, preferred_element_type=jnp.float32)
 
-    acc = _walk(m, start[i], size[i], tm, tmin, jnp.zeros((k, n), jnp.float32), full, part)
+    acc = _walk(m, start[i], size[i], tm, tmin, _zeros((k, n), jnp.float32, lhs, dy), full,
+                part)
     return jax.lax.dynamic_update_index_in_dim(out, acc.astype(out.dtype), i, 0)
 
-  return jax.lax.fori_loop(0, e, expert, jnp.zeros((e, k, n), out_dtype))
+  return jax.lax.fori_loop(0, e, expert, _zeros((e, k, n), out_dtype, lhs, dy, group_sizes))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax.kernels.blocked import _like_primal
+from moejax.kernels.blocked import _like_primal, out_struct, vary_alike
 
 KERNELS = ("visits", "tiles")
 
@@ -184,7 +184,7 @@ def _gmm_visits(lhs, rhs, start, end, tiling: Tiling, transpose_rhs: bool, out_d
   rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      out_shape=out_struct((mp, np_), out_dtype, lhs, rhs, start, end),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=5,
           grid=(nn, num_visits, nk),
@@ -245,7 +245,7 @@ def _tgmm_visits(lhs, dy, start, end, tiling: Tiling, out_dtype, interpret):
 
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((g, kp, np_), out_dtype),
+      out_shape=out_struct((g, kp, np_), out_dtype, lhs, dy, start, end),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=5,
           grid=(nk, nn, num_visits),
@@ -306,7 +306,7 @@ def _gmm_tiles(lhs, rhs, start, end, tiling: Tiling, transpose_rhs: bool, out_dt
   whole = pl.BlockSpec()
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      out_shape=out_struct((mp, np_), out_dtype, lhs, rhs, start, end),
       grid=(nt, nn),
       in_specs=[whole] * 6,
       out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
@@ -347,7 +347,7 @@ def _tgmm_tiles(lhs, dy, start, end, tiling: Tiling, out_dtype, interpret):
   whole = pl.BlockSpec()
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((g, kp, np_), out_dtype),
+      out_shape=out_struct((g, kp, np_), out_dtype, lhs, dy, start, end),
       grid=(g, nk, nn),
       in_specs=[whole] * 4,
       out_specs=pl.BlockSpec((None, tk, tn), lambda gi, kk, j: (gi, kk, j)),
@@ -371,6 +371,7 @@ def _resolve(m, k, n, tiling, interpret, kernel):
 
 def _gmm_padded(lhs, rhs, group_sizes, tiling, interpret, kernel, transpose_rhs, out_dtype):
   """The kernel call on operands padded to whole tiles, cut back to [M, N]."""
+  lhs, rhs, group_sizes = vary_alike(lhs, rhs, group_sizes)
   m, k = lhs.shape
   g = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -385,6 +386,7 @@ def _gmm_padded(lhs, rhs, group_sizes, tiling, interpret, kernel, transpose_rhs,
 
 
 def _tgmm_padded(lhs, dy, group_sizes, tiling, interpret, kernel, out_dtype):
+  lhs, dy, group_sizes = vary_alike(lhs, dy, group_sizes)
   m, k = lhs.shape
   n = dy.shape[1]
   (tm, tk, tn), interpret, kernel = _resolve(m, k, n, tiling, interpret, kernel)

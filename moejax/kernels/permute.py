@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from moejax.kernels import chunked as _chunked
+from moejax.kernels.blocked import _like_primal, out_struct, vary_alike
 
 GATHER_ROWS = 16      # rows one program of the Pallas gather copies
 
@@ -45,6 +46,7 @@ def _pow2_at_least(x: int) -> int:
 
 def _gather_rows_pallas(x: jax.Array, index: jax.Array, interpret: bool) -> jax.Array:
   """x [R, D], index [S] (all < R) -> [S, D]; one program copies GATHER_ROWS rows."""
+  x, index = vary_alike(x, index)
   s = index.shape[0]
   d = x.shape[1]
   ts = GATHER_ROWS
@@ -66,7 +68,7 @@ def _gather_rows_pallas(x: jax.Array, index: jax.Array, interpret: bool) -> jax.
 
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((sp, dp), x.dtype),
+      out_shape=out_struct((sp, dp), x.dtype, x, index),
       grid=(sp // ts, dp // td),
       in_specs=[pl.BlockSpec(), pl.BlockSpec()],
       out_specs=pl.BlockSpec((ts, td), lambda i, j: (i, j)),
@@ -205,7 +207,8 @@ def _gather_gmm_fwd_impl(x, rhs, group_sizes, row_index, tm, tmin):
 
     return _chunked._walk(m, start[i], size[i], tm, tmin, out, full, part)
 
-  return jax.lax.fori_loop(0, e, expert, jnp.zeros((m, n), x.dtype))
+  return jax.lax.fori_loop(0, e, expert,
+                           _chunked._zeros((m, n), x.dtype, x, rhs, group_sizes, row_index))
 
 
 def _gather_tgmm_impl(x, dy, group_sizes, row_index, tm, tmin, out_dtype):
@@ -227,11 +230,12 @@ def _gather_tgmm_impl(x, dy, group_sizes, row_index, tm, tmin, out_dtype):
       dr = jax.lax.dynamic_slice_in_dim(dy, win, tmin, 0)
       return acc + jax.lax.dot_general(xr, dr, tdims, preferred_element_type=jnp.float32)
 
-    acc = _chunked._walk(m, start[i], size[i], tm, tmin, jnp.zeros((d, n), jnp.float32),
-                         full, part)
+    acc = _chunked._walk(m, start[i], size[i], tm, tmin,
+                         _chunked._zeros((d, n), jnp.float32, x, dy, row_index), full, part)
     return jax.lax.dynamic_update_index_in_dim(out, acc.astype(out.dtype), i, 0)
 
-  return jax.lax.fori_loop(0, e, expert, jnp.zeros((e, d, n), out_dtype))
+  return jax.lax.fori_loop(0, e, expert,
+                           _chunked._zeros((e, d, n), out_dtype, x, dy, group_sizes, row_index))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -250,7 +254,7 @@ def _gather_gmm_bwd(top_k, tm, tmin, res, dy):
   d_xs = _chunked._gmm(dy, rhs, group_sizes, tm, tmin, True)                   # [M, D]
   dx = jnp.take(d_xs, inverse, axis=0).reshape(-1, top_k, x.shape[1]).sum(axis=1)
   d_rhs = _gather_tgmm_impl(x, dy, group_sizes, sort_index // top_k, tm, tmin, rhs.dtype)
-  return dx.astype(x.dtype), d_rhs, None, None, None
+  return _like_primal(dx.astype(x.dtype), x), _like_primal(d_rhs, rhs), None, None, None
 
 
 _gather_gmm.defvjp(_gather_gmm_fwd, _gather_gmm_bwd)

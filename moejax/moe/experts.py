@@ -18,6 +18,7 @@ import ml_collections
 from flax import nnx
 
 from moejax import kernels
+from moejax.kernels.permute import gather_gmm
 from moejax.moe.dims import moe_dims
 from moejax.params import logical_param
 from moejax.registry import Registry
@@ -80,6 +81,23 @@ class ExpertFFN:
     -> [M, D]; rows past sum(group_sizes) give zeros."""
     gmm = functools.partial(GMM_BACKENDS[self.gmm_backend], group_sizes=group_sizes)
     return FFN_FORMS[self.form].apply(xs.astype(self.dtype), self._cast(w), gmm)
+
+  def grouped_gathered(self, x: jax.Array, w: dict, group_sizes: jax.Array,
+                       sort_index: jax.Array, inverse: jax.Array, top_k: int) -> jax.Array:
+    """Dropless with the fused gather (ScatterMoE, "Scattered Mixture-of-Experts
+    Implementation", Tan et al. 2024, arXiv:2403.08245): x [T, D] in token order; the D -> F
+    matmuls read their rows through sort_index [T*K] (`kernels.gather_gmm`, `chunked`'s walk),
+    the F -> D one is this FFN's grouped matmul -> [T*K, D] in expert order, as
+    `grouped(permute(x, ...), ...)` without the [T*K, D] copy of x."""
+    x = x.astype(self.dtype)
+    gmm = functools.partial(GMM_BACKENDS[self.gmm_backend], group_sizes=group_sizes)
+
+    def matmul(a, b):
+      if a is x:                                   # a D -> F matrix applied to the tokens
+        return gather_gmm(x, b, group_sizes, sort_index, inverse, top_k)
+      return gmm(a, b)
+
+    return FFN_FORMS[self.form].apply(x, self._cast(w), matmul)
 
   def batched(self, xs: jax.Array, w: dict) -> jax.Array:
     """Capacity: xs [E, C, D], one slab per expert -> [E, C, D]."""

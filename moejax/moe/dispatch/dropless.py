@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.permute import unpermute_combine
 from moejax.moe.dispatch.expert_parallel import EP_EXCHANGES
 from moejax.moe.dispatch.permute import (combine, inverse_permutation, permute, sort_by_expert,
                                          unpermute)
@@ -27,6 +28,8 @@ def dropless_dispatch(x: jax.Array, expert_index: jax.Array, combine_weights: ja
     expert_index, combine_weights: [T, K] of the `Routing` (index E: no expert).
     w: expert weights {name: [E_l, D, F] / [E_l, F, D]}.
     ffn: the `ExpertFFN`.
+    plan: with `plan.fused_gather` (one expert shard), the tokens are read through the sort
+      index by `ffn.grouped_gathered` and unpermuted and combined in one gather.
   Returns:
     y [T, D] (a partial sum over the `tensor` axis), dropped copies, routed copies.
   """
@@ -37,10 +40,14 @@ def dropless_dispatch(x: jax.Array, expert_index: jax.Array, combine_weights: ja
   k, e = expert_index.shape[1], plan.num_experts
   sort_index = sort_by_expert(expert_index)                              # [T*K]
   inverse = inverse_permutation(sort_index)                              # [T*K]
-  xs = permute(x, sort_index, inverse, k)                                # [T*K, D] by expert
   group_sizes = jnp.bincount(expert_index.reshape(-1), length=e).astype(jnp.int32)   # [E]
-  ys = ffn.grouped(xs, w, group_sizes)                                   # [T*K, D]
-  y_copies = unpermute(ys, sort_index, inverse).reshape(t, k, d)         # [T, K, D]
-  y = combine(y_copies, combine_weights)
+  if plan.fused_gather:                  # no [T*K, D] copy of x, no [T, K, D] outputs
+    ys = ffn.grouped_gathered(x, w, group_sizes, sort_index, inverse, k)  # [T*K, D]
+    y = unpermute_combine(ys, sort_index, inverse, combine_weights)
+  else:
+    xs = permute(x, sort_index, inverse, k)                              # [T*K, D] by expert
+    ys = ffn.grouped(xs, w, group_sizes)                                 # [T*K, D]
+    y_copies = unpermute(ys, sort_index, inverse).reshape(t, k, d)       # [T, K, D]
+    y = combine(y_copies, combine_weights)
   routed = jnp.sum(expert_index < e).astype(jnp.float32)
   return y, jnp.zeros((), jnp.float32), routed

@@ -31,6 +31,10 @@ class DispatchPlan:
     tensor_axis: `tensor` when it has size > 1 (the expert width F is split over it), else None.
     experts_per_token: K of the config, which sizes the capacity C; 0: the routing's slot
       count (routers with a variable number of experts per token have more slots than K).
+    fused_gather: dropless on one expert shard: the D -> F grouped matmuls read their rows
+      through the sort index and the unpermute is fused with the combine
+      (`ExpertFFN.grouped_gathered`), so the [T*K, D] permuted copy and the [T, K, D] expert
+      outputs are never built (`model.moe.fused_gather`).
   """
   dispatch: str
   num_experts: int
@@ -43,6 +47,7 @@ class DispatchPlan:
   expert_axis: str | None = None
   tensor_axis: str | None = None
   experts_per_token: int = 0
+  fused_gather: bool = False
 
   @classmethod
   def build(cls, moe, num_experts: int, mesh: Mesh | None = None,
@@ -59,7 +64,8 @@ class DispatchPlan:
                routing_group=moe.routing_group, capacity_factor=float(moe.capacity_factor),
                ep_exchange=moe.ep_exchange, ep_capacity_factor=float(moe.ep_capacity_factor),
                mesh=mesh if used else None, batch_axes=batch_axes, expert_axis=expert_axis,
-               tensor_axis=tensor_axis, experts_per_token=experts_per_token)
+               tensor_axis=tensor_axis, experts_per_token=experts_per_token,
+               fused_gather=bool(moe.get("fused_gather", False)))
 
   @property
   def token_axes(self) -> tuple[str, ...]:

@@ -136,7 +136,8 @@ class AoELayer(MoEFFN):
   def check_config(cls, model: ml_collections.ConfigDict) -> None:
     moe = model.moe
     # The sparse layer's router and bank options: AoE has neither a router nor its bank.
-    refuse_options(model, {**VARIANT_DEFAULTS, "bias_update_rate": 0.0}, "aoe")
+    refuse_options(model, {**VARIANT_DEFAULTS, "bias_update_rate": 0.0, "fused_gather": False},
+                   "aoe")
     r = moe.get("aoe_rank", 16)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
       raise ConfigError("model.moe.aoe_rank", r, "a positive integer (r of the factorised "
