@@ -27,6 +27,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.vma import like_primal
+
 # Row-tile bounds. Measured on 2 CPU cores (benchmarks/RESULTS.md): below 64 rows the per-tile
 # cost of XLA:CPU's batched matmul and weight gather dominates; above M / (4E) the padding does.
 TILE_MIN = 64
@@ -97,39 +99,6 @@ def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
-  """The shard_map mesh axes `x` varies over (empty outside shard_map). JAX has kept this set
-  under two names: `typeof(x).mat.varying` (0.10+) and `typeof(x).vma` before."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "mat", None)
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-
-def vary_alike(*arrays: jax.Array) -> tuple[jax.Array, ...]:
-  """The arrays, each cast (a type change, no data moves) to vary over every shard_map axis
-  one of them varies over: a Pallas kernel's operands inside shard_map must agree."""
-  axes = frozenset().union(*(_varying_axes(a) for a in arrays))
-  return tuple(jax.lax.pcast(a, tuple(sorted(axes - _varying_axes(a))), to="varying")
-               if axes - _varying_axes(a) else a for a in arrays)
-
-
-def out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
-  """A kernel's output type: `shape`, `dtype`, varying over every shard_map axis one of the
-  inputs `like` varies over (inside shard_map, pallas_call needs it said)."""
-  axes = frozenset().union(*(_varying_axes(a) for a in like))
-  if not axes:
-    return jax.ShapeDtypeStruct(shape, dtype)
-  return jax.ShapeDtypeStruct(shape, dtype,
-                              manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
-
-
-def _like_primal(ct: jax.Array, primal: jax.Array) -> jax.Array:
-  """Sums a cotangent over the shard_map axes it varies over and its primal does not, as
-  autodiff does when an invariant input meets varying ones (a custom VJP must do it itself)."""
-  extra = _varying_axes(ct) - _varying_axes(primal)
-  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _blocked(lhs, rhs, group_sizes, tm):
   return _blocked_fwd(lhs, rhs, group_sizes, tm)[0]
@@ -158,7 +127,7 @@ def _blocked_bwd(tm, res, g):
   d_lhs = _take_rows(dx.astype(lhs.dtype).reshape(nt * tm, k), dst)           # [M, K]
   dw = jnp.einsum("tmk,tmn->tkn", x, dy, preferred_element_type=jnp.float32)  # [NT, K, N]
   d_rhs = jax.ops.segment_sum(dw, group, rhs.shape[0], indices_are_sorted=True)
-  return _like_primal(d_lhs, lhs), _like_primal(d_rhs.astype(rhs.dtype), rhs), None
+  return like_primal(d_lhs, lhs), like_primal(d_rhs.astype(rhs.dtype), rhs), None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)

@@ -26,18 +26,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.blocked import _like_primal, _varying_axes
+from moejax.kernels.vma import like_primal, varying_zeros
 
 CHUNK = 512      # tm: rows of the full chunks
 CHUNK_MIN = 16   # tmin: the smallest static chunk; below it one masked window
-
-
-def _zeros(shape, dtype, *like) -> jax.Array:
-  """Zeros that vary over every shard_map axis one of `like` varies over (none outside
-  shard_map): a loop's initial carry must have the type of what its body makes of it."""
-  axes = frozenset().union(*(_varying_axes(a) for a in like))
-  z = jnp.zeros(shape, dtype)
-  return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
 
 
 def _bounds(group_sizes, m):
@@ -115,7 +107,8 @@ def _gmm(lhs, rhs, group_sizes, tm, tmin, transpose_rhs):
 
     return _walk(m, start[i], size[i], tm, tmin, out, full, part)
 
-  return jax.lax.fori_loop(0, e, expert, _zeros((m, n), lhs.dtype, lhs, rhs, group_sizes))
+  return jax.lax.fori_loop(0, e, expert,
+                           varying_zeros((m, n), lhs.dtype, lhs, rhs, group_sizes))
 
 
 def _tgmm(lhs, dy, group_sizes, tm, tmin, out_dtype):
@@ -138,11 +131,12 @@ def _tgmm(lhs, dy, group_sizes, tm, tmin, out_dtype):
       d = jax.lax.dynamic_slice_in_dim(dy, win, tmin, 0)
       return acc + jax.lax.dot_general(x, d, tdims, preferred_element_type=jnp.float32)
 
-    acc = _walk(m, start[i], size[i], tm, tmin, _zeros((k, n), jnp.float32, lhs, dy), full,
-                part)
+    acc = _walk(m, start[i], size[i], tm, tmin, varying_zeros((k, n), jnp.float32, lhs, dy),
+                full, part)
     return jax.lax.dynamic_update_index_in_dim(out, acc.astype(out.dtype), i, 0)
 
-  return jax.lax.fori_loop(0, e, expert, _zeros((e, k, n), out_dtype, lhs, dy, group_sizes))
+  return jax.lax.fori_loop(0, e, expert,
+                           varying_zeros((e, k, n), out_dtype, lhs, dy, group_sizes))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -159,7 +153,7 @@ def _chunked_bwd(tm, tmin, res, dy):
   dy = dy.astype(lhs.dtype)
   d_lhs = _gmm(dy, rhs, group_sizes, tm, tmin, True)
   d_rhs = _tgmm(lhs, dy, group_sizes, tm, tmin, rhs.dtype)
-  return _like_primal(d_lhs, lhs), _like_primal(d_rhs, rhs), None
+  return like_primal(d_lhs, lhs), like_primal(d_rhs, rhs), None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax.kernels.blocked import _like_primal, out_struct, vary_alike
+from moejax.kernels.vma import like_primal, out_struct, vary_alike
 
 KERNELS = ("visits", "tiles")
 
@@ -435,7 +435,7 @@ def _gmm_vjp_bwd(tiling, interpret, kernel, res, dy):
   d_lhs = _gmm_padded(dy, rhs, group_sizes, _swap_kn(tiling), interpret, kernel, True,
                       lhs.dtype)
   d_rhs = _tgmm_padded(lhs, dy, group_sizes, tiling, interpret, kernel, rhs.dtype)
-  return _like_primal(d_lhs, lhs), _like_primal(d_rhs, rhs), None
+  return like_primal(d_lhs, lhs), like_primal(d_rhs, rhs), None
 
 
 def _swap_kn(tiling):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from moejax.kernels import chunked as _chunked
-from moejax.kernels.blocked import _like_primal, out_struct, vary_alike
+from moejax.kernels.vma import like_primal, out_struct, vary_alike, varying_zeros
 
 GATHER_ROWS = 16      # rows one program of the Pallas gather copies
 
@@ -208,7 +208,7 @@ def _gather_gmm_fwd_impl(x, rhs, group_sizes, row_index, tm, tmin):
     return _chunked._walk(m, start[i], size[i], tm, tmin, out, full, part)
 
   return jax.lax.fori_loop(0, e, expert,
-                           _chunked._zeros((m, n), x.dtype, x, rhs, group_sizes, row_index))
+                           varying_zeros((m, n), x.dtype, x, rhs, group_sizes, row_index))
 
 
 def _gather_tgmm_impl(x, dy, group_sizes, row_index, tm, tmin, out_dtype):
@@ -231,11 +231,11 @@ def _gather_tgmm_impl(x, dy, group_sizes, row_index, tm, tmin, out_dtype):
       return acc + jax.lax.dot_general(xr, dr, tdims, preferred_element_type=jnp.float32)
 
     acc = _chunked._walk(m, start[i], size[i], tm, tmin,
-                         _chunked._zeros((d, n), jnp.float32, x, dy, row_index), full, part)
+                         varying_zeros((d, n), jnp.float32, x, dy, row_index), full, part)
     return jax.lax.dynamic_update_index_in_dim(out, acc.astype(out.dtype), i, 0)
 
   return jax.lax.fori_loop(0, e, expert,
-                           _chunked._zeros((e, d, n), out_dtype, x, dy, group_sizes, row_index))
+                           varying_zeros((e, d, n), out_dtype, x, dy, group_sizes, row_index))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -254,7 +254,7 @@ def _gather_gmm_bwd(top_k, tm, tmin, res, dy):
   d_xs = _chunked._gmm(dy, rhs, group_sizes, tm, tmin, True)                   # [M, D]
   dx = jnp.take(d_xs, inverse, axis=0).reshape(-1, top_k, x.shape[1]).sum(axis=1)
   d_rhs = _gather_tgmm_impl(x, dy, group_sizes, sort_index // top_k, tm, tmin, rhs.dtype)
-  return _like_primal(dx.astype(x.dtype), x), _like_primal(d_rhs, rhs), None, None, None
+  return like_primal(dx.astype(x.dtype), x), like_primal(d_rhs, rhs), None, None, None
 
 
 _gather_gmm.defvjp(_gather_gmm_fwd, _gather_gmm_bwd)
