@@ -46,9 +46,10 @@ OVERRIDES = {"train.checkpoint_every": 2, "train.eval_every": 2, "train.keep_che
 
 def test_a_failing_write_names_the_path_and_a_restart_uses_the_previous_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
-  # The test process's devices and compilation cache (conftest.py): the restart and the straight
-  # run below take the child's compiled programs from the cache instead of compiling them again.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  # The test process's XLA flags (its devices and code generation: the losses below are compared
+  # bit for bit) and compilation cache (conftest.py): the restart and the straight run below take
+  # the child's compiled programs from the cache instead of compiling them again.
+  env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"],
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
          "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
